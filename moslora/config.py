@@ -67,7 +67,7 @@ class MoSLoraConfig:
     )
     max_curvature: float = field(
         default=2.0,
-        metadata=_help("Bound on the magnitude of every learned curvature: |k| < max_curvature."),
+        metadata=_help("Bound on the magnitude of every learned curvature: |k| <= max_curvature."),
     )
     learn_curvature: bool = field(
         default=True, metadata=_help("Train the curvatures (otherwise they stay at their init).")

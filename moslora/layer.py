@@ -109,7 +109,9 @@ class MoSLoraLinear(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         for container in (*self.adapter_layer_names, "moslora_dropout"):
-            getattr(self, container).pop(name, None)
+            holder = getattr(self, container)
+            if name in holder:
+                del holder[name]
         for buffer in (f"_kind_sign_{name}", f"_kind_free_{name}"):
             self._buffers.pop(buffer, None)
         self.adapter_configs.pop(name, None)
@@ -119,7 +121,7 @@ class MoSLoraLinear(nn.Module):
     # ---- the parameters in their constrained form -------------------------------------------
 
     def curvature(self, name: str | None = None) -> torch.Tensor:
-        """Curvature of each expert, shape (E,), float32, with |k| < max_curvature.
+        """Curvature of each expert, shape (E,), float32, with |k| <= max_curvature.
 
         A signed kind uses ``k = sign * max * sigmoid(raw)``; a free expert ``max * tanh(raw)``;
         a Euclidean expert is exactly 0.
