@@ -307,3 +307,30 @@ def test_training_step_changes_adapter_only():
     )
     layer = next(model.adapter_layers())
     assert layer.moslora_B["default"].abs().sum() > 0
+
+
+def test_gradient_checkpointing_keeps_gradients():
+    # Non-reentrant checkpointing gives the same loss and adapter gradients, aux loss included.
+    def gradients(checkpointing):
+        model = get_moslora_model(tiny_model(), _config(["euclidean", "hyperbolic", "spherical"]))
+        randomise_adapter(model)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        ids = _inputs(9)
+        loss = model(input_ids=ids, labels=ids).loss + model.router_aux_loss()
+        loss.backward()
+        return float(loss.detach()), {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad
+        }
+
+    plain_loss, plain = gradients(False)
+    checkpointed_loss, checkpointed = gradients(True)
+    assert abs(plain_loss - checkpointed_loss) < 1e-6
+    assert plain.keys() == checkpointed.keys()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7)
+    router_grads = [grad for name, grad in checkpointed.items() if "moslora_router" in name]
+    assert all(grad.abs().sum() > 0 for grad in router_grads)

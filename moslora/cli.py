@@ -1,0 +1,383 @@
+"""The `moslora` command line: train, eval and quickstart.
+
+Flags are derived from the settings dataclasses (`TrainConfig`, `MoSLoraConfig`, `EvalConfig`,
+`GenerationConfig`), so each flag's help text is the field's. `--config FILE.yaml` reads a
+recipe whose keys are field names; flags given on the command line override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moslora.config import MoSLoraConfig
+
+logger = logging.getLogger("moslora")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class EvalConfig:
+    """Settings of one evaluation (every field is also a `moslora eval` flag)."""
+
+    output: str | None = field(
+        default=None, metadata=_help("Folder for summary.json and predictions.jsonl.")
+    )
+    model: str | None = field(
+        default=None,
+        metadata=_help(
+            "Base model: local folder or Hub id; default the adapter's base, else SmolLM2."
+        ),
+    )
+    adapter: str | None = field(
+        default=None,
+        metadata=_help("Adapter folder written by `moslora train`; none = base model."),
+    )
+    data: str = field(default="mawps", metadata=_help("Test data: a dataset name, file or folder."))
+    split: str = field(default="test", metadata=_help("Split of --data to evaluate."))
+    data_dir: str | None = field(
+        default=None, metadata=_help("Folder of the named datasets; default $MOSLORA_DATA.")
+    )
+    limit: int | None = field(default=None, metadata=_help("Evaluate only the first N problems."))
+    exclude: list[str] = field(
+        default_factory=list,
+        metadata=_help(
+            "Drop test problems whose question also occurs in these sets, given as NAME:SPLIT "
+            "(for example mawps:train); the summary reports how many were dropped."
+        ),
+    )
+    dtype: str = field(
+        default="float32", metadata=_help("Model dtype: float32, bfloat16, float16.")
+    )
+    progress: bool = field(default=True, metadata=_help("Show a progress bar."))
+
+
+# ---- dataclass fields as flags --------------------------------------------------------------
+
+_ADAPTER_SKIP = {"base_model_name_or_path", "init_curvature"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(annotation: Any) -> tuple[Any, bool]:
+    """The non-None type of an annotation, and whether None is allowed."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return (members[0] if len(members) == 1 else str), True
+    return annotation, False
+
+
+def _comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _target_modules(text: str) -> list[str] | str:
+    """Comma-separated names, or a regular expression when the text has regex characters."""
+    if any(character in text for character in "*+?[](){}|\\^$"):
+        return text
+    return _comma_list(text)
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset()) -> None:
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for item in dataclasses.fields(cls):
+        if item.name in skip:
+            continue
+        kind, _ = _base_type(hints[item.name])
+        options: dict[str, Any] = {
+            "help": item.metadata.get("help", ""),
+            "default": argparse.SUPPRESS,
+        }
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif item.name == "target_modules":
+            options["type"] = _target_modules
+            options["metavar"] = "NAMES|REGEX"
+        elif typing.get_origin(kind) in (list, tuple):
+            options["type"] = _comma_list
+            options["metavar"] = "A,B,..."
+        elif kind in (int, float, str):
+            options["type"] = kind
+        else:
+            continue
+        group.add_argument(_flag(item.name), dest=item.name, **options)
+
+
+def _load_recipe(path: str, allowed: set[str]) -> dict[str, Any]:
+    recipe_path = Path(path)
+    if not recipe_path.is_file():
+        raise FileNotFoundError(f"--config: {recipe_path} not found")
+    try:
+        data = yaml.safe_load(recipe_path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"--config: {recipe_path} is not valid YAML ({error})") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"--config: {recipe_path} must be a mapping of setting names to values")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ValueError(
+            f"--config: {recipe_path} has unknown setting(s) {', '.join(unknown)}; "
+            f"settings are the long flag names with '_' for '-'"
+        )
+    return data
+
+
+def _split(values: dict[str, Any], *classes: type) -> list[dict[str, Any]]:
+    parts = []
+    for cls in classes:
+        names = {item.name for item in dataclasses.fields(cls)}
+        parts.append({key: value for key, value in values.items() if key in names})
+    return parts
+
+
+def _settings(args: argparse.Namespace, *classes: type) -> list[dict[str, Any]]:
+    given = {
+        key: value
+        for key, value in vars(args).items()
+        if key not in ("command", "config", "verbose")
+    }
+    allowed = {item.name for cls in classes for item in dataclasses.fields(cls)}
+    recipe = _load_recipe(args.config, allowed) if getattr(args, "config", None) else {}
+    return _split({**recipe, **given}, *classes)
+
+
+def _parse_curvatures(text: str) -> dict[str, float]:
+    result = {}
+    for part in _comma_list(text):
+        kind, separator, value = part.partition("=")
+        if not separator:
+            raise argparse.ArgumentTypeError(
+                f"expected KIND=VALUE pairs such as hyperbolic=-0.5, got {part!r}"
+            )
+        try:
+            result[kind.strip()] = float(value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"{part!r}: {value!r} is not a number") from error
+    return result
+
+
+# ---- commands -------------------------------------------------------------------------------
+
+
+def _command_train(args: argparse.Namespace) -> int:
+    from moslora.train import TrainConfig, train
+
+    train_values, adapter_values = _settings(args, TrainConfig, MoSLoraConfig)
+    train_config = TrainConfig(**train_values)
+    adapter_config = MoSLoraConfig(**adapter_values)
+    record = train(train_config, adapter_config)
+    print(json.dumps({"output": train_config.output, **record["metrics"]}, indent=2))
+    return 0
+
+
+def _load_for_eval(config: EvalConfig):
+    from moslora.hub import load_model_and_tokenizer
+    from moslora.model import MoSLoraModel
+
+    model_name = config.model
+    if config.adapter is not None and model_name is None:
+        model_name = MoSLoraConfig.load(config.adapter).base_model_name_or_path
+    model, tokenizer = load_model_and_tokenizer(model_name, dtype=config.dtype)
+    if config.adapter is not None:
+        model = MoSLoraModel.from_pretrained(model, config.adapter)
+    return model, tokenizer, model_name
+
+
+def run_eval(config: EvalConfig, generation, *, loaded=None) -> dict[str, Any]:
+    """Evaluate a base model, or a base model with an adapter, and write the result folder."""
+    from moslora.data import drop_overlap, load_examples
+    from moslora.evaluate import evaluate
+    from moslora.hub import DEFAULT_MODEL
+
+    if not config.output:
+        raise ValueError("--output is required: the folder for summary.json and predictions.jsonl")
+    examples = load_examples(config.data, config.split, data_dir=config.data_dir)
+    dropped = {}
+    for spec in config.exclude:
+        name, _, split = spec.partition(":")
+        reference = load_examples(name, split or "train", data_dir=config.data_dir)
+        examples, count = drop_overlap(examples, reference)
+        dropped[spec] = count
+    if config.limit is not None:
+        if config.limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {config.limit}")
+        examples = examples[: config.limit]
+    model, tokenizer, model_name = loaded or _load_for_eval(config)
+    progress_bar = None
+    progress = None
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        progress_bar = tqdm(
+            total=len(examples), desc=f"eval {config.data}:{config.split}", unit="problem"
+        )
+        progress = progress_bar.update
+    metadata = {
+        "dataset": config.data,
+        "split": config.split,
+        "model": model_name or DEFAULT_MODEL,
+        "adapter": config.adapter,
+        "dtype": config.dtype,
+        "limit": config.limit,
+        "excluded_overlap": dropped,
+    }
+    try:
+        summary = evaluate(
+            model,
+            tokenizer,
+            examples,
+            generation,
+            output_dir=Path(config.output),
+            metadata=metadata,
+            progress=progress,
+        )
+    finally:
+        if progress_bar is not None:
+            progress_bar.close()
+    return summary
+
+
+def _command_eval(args: argparse.Namespace) -> int:
+    from moslora.evaluate import GenerationConfig
+
+    eval_values, generation_values = _settings(args, EvalConfig, GenerationConfig)
+    summary = run_eval(EvalConfig(**eval_values), GenerationConfig(**generation_values))
+    _print_accuracy(summary)
+    return 0
+
+
+def _print_accuracy(summary: dict[str, Any], label: str = "") -> None:
+    name = label or ("adapter " + summary["adapter"] if summary.get("adapter") else "base model")
+    print(
+        f"{name}: accuracy {summary['accuracy']:.4f} ({summary['correct']}/{summary['count']}) "
+        f"on {summary['dataset']}:{summary['split']}"
+    )
+
+
+def _command_quickstart(args: argparse.Namespace) -> int:
+    """Evaluate the base model, fine-tune it, evaluate the result, print both accuracies."""
+    from moslora.evaluate import GenerationConfig
+    from moslora.train import TrainConfig, train
+
+    output = Path(args.output)
+    started = time.monotonic()
+    generation = GenerationConfig(
+        max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size
+    )
+    test = {"data": "mawps", "split": "test", "limit": args.test_limit, "exclude": ["mawps:train"]}
+    base_summary = run_eval(EvalConfig(output=str(output / "eval-base"), **test), generation)
+    train_config = TrainConfig(
+        output=str(output / "adapter"),
+        data="mawps",
+        limit=args.train_limit,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        overwrite=True,
+        save_steps=1000,
+    )
+    adapter_config = MoSLoraConfig(r=args.r)
+    train(train_config, adapter_config)
+    tuned_summary = run_eval(
+        EvalConfig(output=str(output / "eval-tuned"), adapter=str(output / "adapter"), **test),
+        generation,
+    )
+    minutes = (time.monotonic() - started) / 60
+    print()
+    print(f"MAWPS test problems (training questions removed), first {base_summary['count']}:")
+    _print_accuracy(base_summary, "base model  ")
+    _print_accuracy(tuned_summary, "fine-tuned  ")
+    print(f"results in {output}; total time {minutes:.1f} min")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from moslora.evaluate import GenerationConfig
+    from moslora.train import TrainConfig
+
+    parser = argparse.ArgumentParser(
+        prog="moslora",
+        description="Fine-tune causal language models with Mixture-of-Space LoRA adapters.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="Log debug messages.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train_parser = commands.add_parser("train", help="Fine-tune a model with a MoSLoRA adapter.")
+    train_parser.add_argument("--config", help="YAML recipe of settings; flags override it.")
+    _add_fields(train_parser, TrainConfig)
+    _add_fields(train_parser, MoSLoraConfig, skip=_ADAPTER_SKIP)
+    train_parser.add_argument(
+        "--init-curvature",
+        type=_parse_curvatures,
+        default=argparse.SUPPRESS,
+        metavar="KIND=K,...",
+        help="Initial curvature per kind, e.g. hyperbolic=-0.5,spherical=0.5.",
+    )
+    train_parser.set_defaults(handler=_command_train)
+
+    eval_parser = commands.add_parser("eval", help="Evaluate a model, with or without an adapter.")
+    eval_parser.add_argument("--config", help="YAML recipe of settings; flags override it.")
+    _add_fields(eval_parser, EvalConfig)
+    _add_fields(eval_parser, GenerationConfig)
+    eval_parser.set_defaults(handler=_command_eval)
+
+    quick = commands.add_parser(
+        "quickstart",
+        help="Evaluate SmolLM2 on MAWPS, fine-tune it on a MAWPS subset, evaluate it again.",
+    )
+    quick.add_argument("--output", default="runs/quickstart", help="Folder for all results.")
+    quick.add_argument("--train-limit", type=int, default=320, help="MAWPS training examples.")
+    quick.add_argument("--test-limit", type=int, default=100, help="MAWPS test problems.")
+    quick.add_argument("--epochs", type=float, default=1.0, help="Passes over the training set.")
+    quick.add_argument("--batch-size", type=int, default=8, help="Training batch size.")
+    quick.add_argument("--lr", type=float, default=1e-3, help="Peak learning rate.")
+    quick.add_argument("--r", type=int, default=8, help="Rank of each of the three experts.")
+    quick.add_argument(
+        "--max-new-tokens", type=int, default=96, help="Generation limit per problem."
+    )
+    quick.add_argument(
+        "--eval-batch-size", type=int, default=25, help="Problems generated together."
+    )
+    quick.set_defaults(handler=_command_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, FileExistsError, OSError) as error:
+        print(f"moslora {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moslora {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
