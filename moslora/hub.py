@@ -85,7 +85,7 @@ def _source_fingerprint(source: Path) -> dict[str, Any]:
 
 
 def _is_complete(folder: Path, source: Path) -> bool:
-    """Check that ``folder`` holds a finished conversion of ``source``."""
+    """Check that ``folder`` contains a finished conversion of ``source``."""
     try:
         marker = json.loads((folder / MARKER_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -192,7 +192,8 @@ def _convert(source: Path, target: Path) -> None:
     """Convert ``source`` into ``target`` through a temporary sibling folder and a rename.
 
     The marker file is written last, and the folder is renamed into place only after that, so
-    ``target`` either does not exist or holds a finished conversion.
+    a conversion killed at any point leaves no ``target`` folder. Files are not fsynced, so
+    this does not cover a power loss.
     """
     started = time.perf_counter()
     logger.info(
@@ -333,7 +334,7 @@ def load_model_and_tokenizer(
             )
         tokenizer.pad_token = tokenizer.eos_token
         logger.info(
-            "The tokenizer of %s has no pad token; using the EOS token %r for padding",
+            "The tokenizer of %s has no pad token, so the EOS token %r is used for padding",
             resolved,
             tokenizer.eos_token,
         )
