@@ -21,6 +21,7 @@ TRANSITIONS = ("exact", "fast")
 KIND_SIGN = {"euclidean": 0, "hyperbolic": -1, "spherical": 1, "free": None}
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+DEFAULT_ROUTER_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def _help(text: str) -> dict[str, str]:
@@ -90,6 +91,20 @@ class MoSLoraConfig:
         metadata=_help("'dense' mixes all experts with softmax weights; 'topk' keeps top_k."),
     )
     top_k: int = field(default=1, metadata=_help("Experts kept per token when router is 'topk'."))
+    share_router: bool = field(
+        default=False,
+        metadata=_help(
+            "Let the adapted modules of one router group (modules with the same parent that read "
+            "the same input) share one router and evaluate it once per forward pass."
+        ),
+    )
+    router_groups: list[list[str]] = field(
+        default_factory=lambda: [list(group) for group in DEFAULT_ROUTER_GROUPS],
+        metadata=_help(
+            "Module names that read the same input, per group, used by share_router. The "
+            "default fits Llama-style blocks: q_proj, k_proj, v_proj and gate_proj, up_proj."
+        ),
+    )
     router_aux_loss_coef: float = field(
         default=0.01,
         metadata=_help(
@@ -103,6 +118,13 @@ class MoSLoraConfig:
             "'fast' the rational stereographic maps (no transcendental functions)."
         ),
     )
+    compile: bool = field(
+        default=False,
+        metadata=_help(
+            "Compile the per-token gain computation with torch.compile, fusing its elementwise "
+            "operations into one kernel. The first forward pass compiles; CPUs need a C++ compiler."
+        ),
+    )
     base_model_name_or_path: str | None = field(
         default=None, metadata=_help("Base model the adapter was made for (recorded, not used).")
     )
@@ -111,6 +133,11 @@ class MoSLoraConfig:
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
         self.experts = list(self.experts)
+        if isinstance(self.router_groups, (list, tuple)):
+            self.router_groups = [
+                list(group) if isinstance(group, (list, tuple)) else group
+                for group in self.router_groups
+            ]
         self.init_curvature = {
             **{"hyperbolic": -0.5, "spherical": 0.5, "free": 0.0},
             **dict(self.init_curvature),
@@ -167,6 +194,14 @@ class MoSLoraConfig:
             raise ValueError(
                 "router_aux_loss_coef must be a non-negative number, "
                 f"got {self.router_aux_loss_coef!r}"
+            )
+        groups = self.router_groups
+        if not isinstance(groups, list) or not all(
+            isinstance(group, list) and all(isinstance(name, str) and name for name in group)
+            for group in groups
+        ):
+            raise ValueError(
+                f"router_groups must be a list of lists of module names, got {groups!r}"
             )
         if self.transition not in TRANSITIONS:
             raise ValueError(

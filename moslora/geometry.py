@@ -31,6 +31,7 @@ __all__ = [
     "BALL_EPS",
     "SPHERE_MAX_ANGLE",
     "artan_gain",
+    "expert_gains",
     "artan_k",
     "expmap0",
     "fast_exp_gain",
@@ -241,3 +242,21 @@ def from_sphere(x: torch.Tensor, *, k: torch.Tensor | float, dim: int = -1) -> t
     k = _check_sign(k, negative=False, name="from_sphere").to(x.device)
     time, space = x.narrow(dim, 0, 1), x.narrow(dim, 1, x.shape[dim] - 1)
     return space / (1 + k.sqrt() * time)
+
+
+def expert_gains(
+    k: torch.Tensor, input_sq: torch.Tensor, output_sq: torch.Tensor, *, fast: bool = False
+) -> torch.Tensor:
+    """Per-token scalars ``c_e`` with ``Delta_e(x) = c_e * B_e A_e x``, shape (N, E).
+
+    ``Delta_e(x) = s * logmap0_k(project_k(B_e A_e expmap0_k(x / s)))`` and all three maps are
+    radial, so ``c_e`` is the product of their factors. ``k`` holds the E curvatures,
+    ``input_sq`` (N, 1) is ``|x / s|^2`` and ``output_sq`` (N, E) is ``|B_e A_e x / s|^2``.
+    ``fast`` selects the rational factors instead of tan/artan.
+    """
+    exp_gain, log_gain = (fast_exp_gain, fast_log_gain) if fast else (tan_gain, artan_gain)
+    gain_in = exp_gain(k * input_sq)  # (N, E)
+    mapped_sq = output_sq * gain_in.square()  # |B_e A_e expmap0(x / s)|^2
+    gain_project = project_gain(mapped_sq, k)
+    gain_out = log_gain(k * gain_project.square() * mapped_sq)
+    return gain_in * gain_project * gain_out

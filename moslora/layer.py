@@ -19,6 +19,7 @@ the expert is LoRA's ``B_e A_e x``.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -26,7 +27,7 @@ from torch import nn
 
 from moslora import geometry
 from moslora.config import KIND_SIGN, MoSLoraConfig
-from moslora.routing import route
+from moslora.routing import SharedRouting, route
 
 ADAPTER_PREFIX = "moslora_"
 
@@ -57,6 +58,8 @@ class MoSLoraLinear(nn.Module):
         self.moslora_router = nn.ModuleDict()  # name -> Linear(in_features, E), when E > 1
         self.moslora_dropout = nn.ModuleDict()
         self.adapter_configs: dict[str, MoSLoraConfig] = {}
+        # name -> the routing cache of this layer's router group, when the router is shared.
+        self.shared_routing: dict[str, SharedRouting] = {}
         self.active_adapter: str | None = None
         self.disable_adapters = False
         # Set by each forward pass of the active adapter, read by the model wrapper.
@@ -115,6 +118,7 @@ class MoSLoraLinear(nn.Module):
         for buffer in (f"_kind_sign_{name}", f"_kind_free_{name}"):
             self._buffers.pop(buffer, None)
         self.adapter_configs.pop(name, None)
+        self.shared_routing.pop(name, None)
         if self.active_adapter == name:
             self.active_adapter = next(iter(self.adapter_configs), None)
 
@@ -163,10 +167,17 @@ class MoSLoraLinear(nn.Module):
         if not config.is_euclidean:
             mix = mix * self._gains(x_drop, h, b, name)
         if experts > 1:
-            logits = self.moslora_router[name](x_flat)  # (N, E)
-            routing = route(logits, mode=config.router, top_k=config.top_k)
+            shared = self.shared_routing.get(name)
+            routing = shared.lookup(x) if shared is not None else None
+            reused = routing is not None
+            if routing is None:
+                logits = self.moslora_router[name](x_flat)  # (N, E)
+                routing = route(logits, mode=config.router, top_k=config.top_k)
+                if shared is not None:
+                    shared.store(x, routing)
             mix = mix * routing.weights
-            self.aux_loss = routing.aux_loss
+            # A shared evaluation contributes its aux loss once, through the module that ran it.
+            self.aux_loss = None if reused else routing.aux_loss
             self.routing_stats = {
                 "mean_probability": routing.mean_probability,
                 "dispatch_fraction": routing.dispatch_fraction,
@@ -181,19 +192,13 @@ class MoSLoraLinear(nn.Module):
         k = self.curvature(name)  # (E,)
         inv_scale_sq = torch.exp(-2 * self.moslora_log_scale[name].float())
         input_sq = x.pow(2).sum(-1, keepdim=True) * inv_scale_sq  # (N, 1) = |x / s|^2
-        if config.transition == "fast":
-            exp_gain, log_gain = geometry.fast_exp_gain, geometry.fast_log_gain
-        else:
-            exp_gain, log_gain = geometry.tan_gain, geometry.artan_gain
-        gain_in = exp_gain(k * input_sq)  # (N, E)
-        # |B_e A_e y|^2 for y = expmap0(x / s) = gain_in * x / s, through the Gram matrices.
+        # |B_e A_e x / s|^2 through the Gram matrices, without forming each expert's output.
         b_blocks = b.view(self.out_features, experts, rank).permute(1, 0, 2)  # (E, d_out, r)
         gram = b_blocks.transpose(1, 2) @ b_blocks  # (E, r, r)
         h_gram = torch.einsum("nei,eij->nej", h, gram)  # (N, E, r)
-        output_sq = (h_gram * h).sum(-1).clamp_min(0) * (gain_in.square() * inv_scale_sq)  # (N, E)
-        gain_project = geometry.project_gain(output_sq, k)  # (N, E)
-        gain_out = log_gain(k * gain_project.square() * output_sq)  # (N, E)
-        return gain_in * gain_project * gain_out
+        output_sq = (h_gram * h).sum(-1).clamp_min(0) * inv_scale_sq  # (N, E)
+        gains = _compiled_expert_gains() if config.compile else geometry.expert_gains
+        return gains(k, input_sq, output_sq, fast=config.transition == "fast")
 
     def reference_update(self, x: torch.Tensor, name: str | None = None) -> torch.Tensor:
         """The update computed expert by expert through the geometry maps (slow; for tests).
@@ -240,6 +245,12 @@ class MoSLoraLinear(nn.Module):
         for name, config in self.adapter_configs.items():
             parts.append(f"{name}: experts={config.experts}, r={config.r}, router={config.router}")
         return "; ".join(parts)
+
+
+@functools.cache
+def _compiled_expert_gains():
+    """``geometry.expert_gains`` compiled once per process, fusing its elementwise operations."""
+    return torch.compile(geometry.expert_gains, dynamic=True)
 
 
 def _raw_curvature(config: MoSLoraConfig, device: torch.device) -> torch.Tensor:

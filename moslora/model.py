@@ -24,6 +24,7 @@ from torch import nn
 from moslora.config import CONFIG_NAME, WEIGHTS_NAME, MoSLoraConfig
 from moslora.files import write_bytes_atomic
 from moslora.layer import ADAPTER_PREFIX, MoSLoraLinear
+from moslora.routing import SharedRouting
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ def inject_adapter(model: nn.Module, config: MoSLoraConfig, adapter_name: str) -
                 "layers can be adapted. Narrow target_modules to linear layers."
             )
         adapted.append(path)
+    if adapted and config.share_router and config.num_experts > 1:
+        _share_routers(model, adapted, config, adapter_name)
     if not adapted:
         raise ValueError(
             f"target_modules {config.target_modules!r} matched no module of "
@@ -84,6 +87,26 @@ def inject_adapter(model: nn.Module, config: MoSLoraConfig, adapter_name: str) -
             f"{', '.join(_linear_names(model))}"
         )
     return adapted
+
+
+def _share_routers(
+    model: nn.Module, paths: list[str], config: MoSLoraConfig, adapter_name: str
+) -> None:
+    """Give the adapted modules of each router group one router and one routing cache."""
+    groups: dict[tuple[str, int], list[MoSLoraLinear]] = {}
+    for path in paths:
+        parent, _, child = path.rpartition(".")
+        for index, names in enumerate(config.router_groups):
+            if child in names:
+                groups.setdefault((parent, index), []).append(model.get_submodule(path))
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        router = members[0].moslora_router[adapter_name]
+        cache = SharedRouting()
+        for layer in members:
+            layer.moslora_router[adapter_name] = router
+            layer.shared_routing[adapter_name] = cache
 
 
 class MoSLoraModel(nn.Module):

@@ -8,6 +8,7 @@ for a perfectly uniform router and grows to ``E`` when one expert takes every to
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -55,3 +56,33 @@ def route(logits: torch.Tensor, *, mode: str, top_k: int = 1) -> RoutingOutput:
         mean_probability=mean_probability.detach(),
         dispatch_fraction=fraction,
     )
+
+
+class SharedRouting:
+    """One router evaluation reused by the modules of a group during a forward pass.
+
+    The first module of the group to see an input tensor computes the routing and stores it;
+    the others find it by the identity and version of that same tensor object. A new forward
+    pass (or the recomputation of gradient checkpointing) brings a new tensor, so the routing
+    is computed again.
+    """
+
+    def __init__(self) -> None:
+        self._key: weakref.ref | None = None
+        self._version = -2
+        self._output: RoutingOutput | None = None
+
+    def lookup(self, x: torch.Tensor) -> RoutingOutput | None:
+        if self._key is not None and self._key() is x and self._version == _version(x):
+            return self._output
+        return None
+
+    def store(self, x: torch.Tensor, output: RoutingOutput) -> None:
+        self._key = weakref.ref(x)
+        self._version = _version(x)
+        self._output = output
+
+
+def _version(x: torch.Tensor) -> int:
+    # Tensors made under torch.inference_mode have no version counter.
+    return -1 if x.is_inference() else x._version

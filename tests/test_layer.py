@@ -228,3 +228,23 @@ def test_merged_weight_rejects_nonlinear_updates(experts, message):
 def test_layer_rejects_non_linear_module():
     with pytest.raises(TypeError, match="torch.nn.Linear"):
         MoSLoraLinear(nn.Conv1d(3, 3, 1))
+
+
+def test_compiled_gains_match_eager():
+    eager = _layer(["euclidean", "hyperbolic", "spherical"])
+    compiled = _layer(["euclidean", "hyperbolic", "spherical"], compile=True)
+    compiled.load_state_dict(eager.state_dict())
+    _randomise_b(eager, std=0.5)
+    compiled.moslora_B["default"].data.copy_(eager.moslora_B["default"])
+    x = torch.randn(6, 24) * 3
+    eager_out, compiled_out = eager(x), compiled(x)
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-6)
+    eager_out.pow(2).sum().backward()
+    compiled_out.pow(2).sum().backward()
+    for name in ("moslora_A", "moslora_B", "moslora_curvature", "moslora_log_scale"):
+        torch.testing.assert_close(
+            getattr(compiled, name)["default"].grad,
+            getattr(eager, name)["default"].grad,
+            rtol=1e-4,
+            atol=1e-6,
+        )

@@ -334,3 +334,100 @@ def test_gradient_checkpointing_keeps_gradients():
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7)
     router_grads = [grad for name, grad in checkpointed.items() if "moslora_router" in name]
     assert all(grad.abs().sum() > 0 for grad in router_grads)
+
+
+def _shared_model(**overrides):
+    config = _config(
+        ["euclidean", "hyperbolic", "spherical"],
+        share_router=True,
+        target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+        **overrides,
+    )
+    model = get_moslora_model(tiny_model(), config)
+    randomise_adapter(model)
+    return model
+
+
+def test_shared_router_one_evaluation_per_group():
+    model = _shared_model()
+    attention = model.base_model.model.layers[0].self_attn
+    router = attention.q_proj.moslora_router["default"]
+    assert attention.k_proj.moslora_router["default"] is router
+    assert attention.v_proj.moslora_router["default"] is router
+    mlp = model.base_model.model.layers[0].mlp
+    assert mlp.gate_proj.moslora_router["default"] is mlp.up_proj.moslora_router["default"]
+    assert mlp.down_proj.moslora_router["default"] is not mlp.up_proj.moslora_router["default"]
+    calls = []
+    routers = {
+        id(layer.moslora_router["default"]): layer.moslora_router["default"]
+        for layer in model.adapter_layers()
+    }
+    handles = [r.register_forward_hook(lambda *args: calls.append(1)) for r in routers.values()]
+    model(_inputs())
+    for handle in handles:
+        handle.remove()
+    # Per layer: one for q/k/v, one for gate/up, one for down_proj.
+    assert len(routers) == 2 * 3
+    assert len(calls) == 2 * 3
+    with_aux = [layer for layer in model.adapter_layers() if layer.aux_loss is not None]
+    assert len(with_aux) == 2 * 3
+
+
+def test_shared_router_matches_separate_routers_with_same_weights():
+    shared = _shared_model()
+    separate = get_moslora_model(
+        tiny_model(),
+        _config(
+            ["euclidean", "hyperbolic", "spherical"],
+            target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
+    separate.load_state_dict(shared.state_dict())
+    ids = _inputs(10)
+    assert torch.equal(shared(ids).logits, separate(ids).logits)
+
+
+def test_shared_router_under_gradient_checkpointing():
+    def gradients(checkpointing):
+        model = _shared_model()
+        model.train()
+        if checkpointing:
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
+        ids = _inputs(11)
+        loss = model(input_ids=ids, labels=ids).loss + model.router_aux_loss()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_shared_router_save_reload(tmp_path):
+    model = _shared_model().eval()
+    ids = _inputs(12)
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    reloaded = MoSLoraModel.from_pretrained(tiny_model(), tmp_path)
+    attention = reloaded.base_model.model.layers[1].self_attn
+    assert attention.q_proj.moslora_router["default"] is attention.v_proj.moslora_router["default"]
+    assert torch.equal(reloaded(ids).logits, expected)
+
+
+def test_shared_router_generation_matches_separate():
+    shared = _shared_model().eval()
+    separate = get_moslora_model(
+        tiny_model(),
+        _config(
+            ["euclidean", "hyperbolic", "spherical"],
+            target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    ).eval()
+    separate.load_state_dict(shared.state_dict())
+    ids = _inputs(13, batch=2, length=5)
+    with torch.inference_mode():
+        first = shared.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        second = separate.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(first, second)
