@@ -302,3 +302,30 @@ def test_module_entry_point_help():
     assert result.returncode == 0
     assert "--curvature-lr" in result.stdout
     assert "--experts" in result.stdout
+
+
+def test_train_bfloat16_end_to_end(tiny_model_dir, tmp_path, data_dir):
+    output = tmp_path / "run"
+    assert (
+        main(
+            _train_args(
+                tiny_model_dir,
+                output,
+                "--max-steps",
+                "2",
+                "--dtype",
+                "bfloat16",
+                "--logging-steps",
+                "1",
+            )
+        )
+        == 0
+    )
+    record = json.loads((output / RUN_CONFIG_NAME).read_text())
+    losses = [entry["loss"] for entry in record["log_history"] if "loss" in entry]
+    assert len(losses) == 2
+    assert all(loss == loss and loss < 1e4 for loss in losses)
+    # Adapter tensors stay float32 in a bfloat16 model.
+    assert all(
+        tensor.dtype == torch.float32 for tensor in load_file(output / WEIGHTS_NAME).values()
+    )
