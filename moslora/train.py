@@ -15,7 +15,6 @@ import torch
 import transformers
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 import moslora
 from moslora.config import CONFIG_NAME, MoSLoraConfig
@@ -26,6 +25,9 @@ logger = logging.getLogger(__name__)
 
 RUN_CONFIG_NAME = "run_config.json"
 CHECKPOINTS = "checkpoints"
+# Written into a checkpoint folder after everything else in it. The Trainer writes checkpoint
+# files one by one, so a folder without this marker may be missing its optimizer state.
+CHECKPOINT_COMPLETE = "moslora-checkpoint-complete"
 
 
 def _help(text: str) -> dict[str, str]:
@@ -83,7 +85,13 @@ class TrainConfig:
     seed: int = field(default=42, metadata=_help("Seed of adapter init, data order and dropout."))
     logging_steps: int = field(default=10, metadata=_help("Log every N optimizer steps."))
     save_steps: int = field(default=50, metadata=_help("Checkpoint every N optimizer steps."))
-    save_total_limit: int = field(default=2, metadata=_help("Checkpoints kept in the run folder."))
+    save_total_limit: int = field(
+        default=2,
+        metadata=_help(
+            "Checkpoints kept in the run folder, at least 2, so that a save cut short by a kill "
+            "always leaves an earlier complete one."
+        ),
+    )
     resume: bool = field(
         default=False, metadata=_help("Continue from the last checkpoint in --output.")
     )
@@ -112,6 +120,8 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.save_total_limit < 2:
+            raise ValueError(f"--save-total-limit must be at least 2, got {self.save_total_limit}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be at least 1, got {self.limit}")
         if not (self.epochs > 0 or self.max_steps > 0):
@@ -228,6 +238,14 @@ class MoSLoraTrainer(Trainer):
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         self._adapter_model().save_pretrained(output_dir)
 
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = (
+                Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            )
+            (folder / CHECKPOINT_COMPLETE).write_text(f"{self.state.global_step}\n")
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         adapter_model = self._adapter_model()
         if not (Path(resume_from_checkpoint) / CONFIG_NAME).is_file():
@@ -284,11 +302,7 @@ def train(config: TrainConfig, adapter_config: MoSLoraConfig) -> dict[str, Any]:
         )
     checkpoint = None
     if config.resume:
-        checkpoint = (
-            get_last_checkpoint(str(output / CHECKPOINTS))
-            if (output / CHECKPOINTS).is_dir()
-            else None
-        )
+        checkpoint = last_complete_checkpoint(output / CHECKPOINTS)
         if checkpoint is None:
             raise FileNotFoundError(
                 f"--resume: no checkpoint found in {output / CHECKPOINTS}; start without --resume"
@@ -345,6 +359,26 @@ def train(config: TrainConfig, adapter_config: MoSLoraConfig) -> dict[str, Any]:
     write_json_atomic(output / RUN_CONFIG_NAME, record)
     logger.info("adapter written to %s", output)
     return record
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The checkpoint of the highest step whose saving finished, or None."""
+    if not folder.is_dir():
+        return None
+    steps = []
+    for path in folder.iterdir():
+        name = path.name
+        if (
+            path.is_dir()
+            and name.startswith("checkpoint-")
+            and name[len("checkpoint-") :].isdigit()
+        ):
+            steps.append((int(name[len("checkpoint-") :]), path))
+    for _, path in sorted(steps, reverse=True):
+        if (path / CHECKPOINT_COMPLETE).is_file():
+            return str(path)
+        logger.warning("ignoring %s: its saving did not finish", path)
+    return None
 
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any] | None:

@@ -431,3 +431,25 @@ def test_shared_router_generation_matches_separate():
         first = shared.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
         second = separate.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(first, second)
+
+
+def test_interrupted_save_keeps_previous_adapter(tmp_path, monkeypatch):
+    model = get_moslora_model(tiny_model(), _config(["hyperbolic"])).eval()
+    randomise_adapter(model, seed=1)
+    ids = _inputs(14)
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    randomise_adapter(model, seed=2)
+
+    import moslora.files
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(moslora.files.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    reloaded = MoSLoraModel.from_pretrained(tiny_model(), tmp_path)
+    assert torch.equal(reloaded(ids).logits, expected)

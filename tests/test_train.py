@@ -329,3 +329,55 @@ def test_train_bfloat16_end_to_end(tiny_model_dir, tmp_path, data_dir):
     assert all(
         tensor.dtype == torch.float32 for tensor in load_file(output / WEIGHTS_NAME).values()
     )
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tiny_model_dir, tmp_path, data_dir):
+    import signal
+    import time
+
+    from moslora.train import CHECKPOINT_COMPLETE
+
+    settings = dict(
+        model=str(tiny_model_dir),
+        limit=16,
+        max_steps=24,
+        batch_size=4,
+        save_steps=1,
+        lr=5e-3,
+        progress=False,
+    )
+    train(TrainConfig(output=str(tmp_path / "full"), **settings), MoSLoraConfig(r=2))
+
+    killed = tmp_path / "killed"
+    flags = ["--max-steps", "10", "--save-steps", "1", "--lr", "0.005", "--r", "2", "--limit", "16"]
+    command = [sys.executable, "-m", "moslora.cli", *_train_args(tiny_model_dir, killed, *flags)]
+    log = tmp_path / "killed.log"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    marker = killed / "checkpoints" / "checkpoint-3" / CHECKPOINT_COMPLETE
+    deadline = time.monotonic() + 240
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, (
+        f"training ended before it could be killed: {log.read_text()[-2000:]}"
+    )
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert not (killed / WEIGHTS_NAME).exists()
+
+    train(TrainConfig(output=str(killed), resume=True, **settings), MoSLoraConfig(r=2))
+    full = load_file(tmp_path / "full" / WEIGHTS_NAME)
+    resumed = load_file(killed / WEIGHTS_NAME)
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_skips_incomplete_checkpoint(tmp_path):
+    from moslora.train import CHECKPOINT_COMPLETE, last_complete_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        (folder / f"checkpoint-{step}").mkdir(parents=True)
+    for step in (2, 4):
+        (folder / f"checkpoint-{step}" / CHECKPOINT_COMPLETE).write_text(str(step))
+    assert last_complete_checkpoint(folder) == str(folder / "checkpoint-4")
+    assert last_complete_checkpoint(tmp_path / "missing") is None
