@@ -302,7 +302,9 @@ def _read_argument(text: str, index: int) -> tuple[str, int] | None:
     if text[index] == "{":
         return _braced_group(text, index)
     if text[index] == "\\":
-        command = re.match(r"\\(?:[A-Za-z]+|.)", text[index:])
+        command = re.match(r"\\(?:[A-Za-z]+|.)", text[index:], re.DOTALL)
+        if command is None:
+            return None
         return command.group(), index + len(command.group())
     if text[index] in "}^_":
         return None
@@ -770,11 +772,13 @@ def latex_equivalent(predicted: str, gold: str) -> bool:
 
     The answers are equal when their normalised strings are equal (text answers of two or
     more letters ignore case). Otherwise both are parsed with the converter above and
-    compared part by part: ``sympy.simplify(a - b) == 0``, or for constants a relative
-    difference within 1e-6. Tuples and intervals need the same bracket pair and order, while
-    bare lists ("1,-2") and ``\\{...\\}`` sets match in any order. Answers longer than 200
-    characters after normalisation, or outside the converter's subset, get only the string
-    check.
+    compared part by part: ``sympy.simplify(a - b) == 0``, or for non-integer constants a
+    relative difference within 1e-6, so "0.3333333" equals ``\\frac{1}{3}`` but two
+    different integers never match. Tuples and intervals need the same bracket pair and
+    order, while bare lists ("1,-2") and ``\\{...\\}`` sets match in any order, with "a \\pm b"
+    read as the two items a+b and a-b. Answers longer than 200 characters after
+    normalisation, or outside the converter's subset (words, subscripts such as base
+    ``204_5``, chained equations), get only the string check.
     """
     first = normalize_latex(predicted)
     second = normalize_latex(gold)

@@ -340,7 +340,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_model_dir, tmp_path, dat
     settings = dict(
         model=str(tiny_model_dir),
         limit=16,
-        max_steps=24,
+        max_steps=10,
         batch_size=4,
         save_steps=1,
         lr=5e-3,
