@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 import types
@@ -184,7 +185,8 @@ def _command_train(args: argparse.Namespace) -> int:
     train_config = TrainConfig(**train_values)
     adapter_config = MoSLoraConfig(**adapter_values)
     record = train(train_config, adapter_config)
-    print(json.dumps({"output": train_config.output, **record["metrics"]}, indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"output": train_config.output, **record["metrics"]}, indent=2))
     return 0
 
 

@@ -319,7 +319,6 @@ def train(config: TrainConfig, adapter_config: MoSLoraConfig) -> dict[str, Any]:
     model = get_moslora_model(base, adapter_config)
     model.train()
     trainable, total = model.get_nb_trainable_parameters()
-    model.print_trainable_parameters()
 
     collator = CausalLMCollator(tokenizer)
     if config.calibrate and not adapter_config.is_euclidean and checkpoint is None:
@@ -335,6 +334,10 @@ def train(config: TrainConfig, adapter_config: MoSLoraConfig) -> dict[str, Any]:
         data_collator=collator,
         curvature_lr=config.curvature_lr,
     )
+    # Under DDP every process runs this function; only the main one writes and prints.
+    main_process = trainer.is_world_process_zero()
+    if main_process:
+        model.print_trainable_parameters()
     record = {
         "moslora_version": moslora.__version__,
         "train": asdict(config),
@@ -349,15 +352,17 @@ def train(config: TrainConfig, adapter_config: MoSLoraConfig) -> dict[str, Any]:
             "python": platform.python_version(),
         },
     }
-    write_json_atomic(output / RUN_CONFIG_NAME, {**record, "finished": False})
+    if main_process:
+        write_json_atomic(output / RUN_CONFIG_NAME, {**record, "finished": False})
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    model.save_pretrained(output)
     record["metrics"] = result.metrics
     record["log_history"] = trainer.state.log_history
     record["curvature"] = model.curvatures()
     record["finished"] = True
-    write_json_atomic(output / RUN_CONFIG_NAME, record)
-    logger.info("adapter written to %s", output)
+    if main_process:
+        model.save_pretrained(output)
+        write_json_atomic(output / RUN_CONFIG_NAME, record)
+        logger.info("adapter written to %s", output)
     return record
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real benchmark data folder and an offline SmolLM2 tokenizer."""
+"""Shared fixtures: the real data folder, an offline SmolLM2 tokenizer, a tiny model folder."""
 
 from __future__ import annotations
 
@@ -49,3 +49,29 @@ def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+    """A Hugging Face folder with a 2-layer Llama and the real SmolLM2 tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=smollm2_tokenizer.eos_token_id,
+        pad_token_id=smollm2_tokenizer.pad_token_id,
+        bos_token_id=smollm2_tokenizer.bos_token_id,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    return folder

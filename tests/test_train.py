@@ -8,35 +8,12 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from moslora import MoSLoraConfig, MoSLoraModel
 from moslora.cli import main
 from moslora.config import CONFIG_NAME, WEIGHTS_NAME
 from moslora.train import RUN_CONFIG_NAME, MoSLoraTrainer, TrainConfig, train
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
-    """A Hugging Face folder with a 2-layer Llama and the real SmolLM2 tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(smollm2_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        eos_token_id=smollm2_tokenizer.eos_token_id,
-        pad_token_id=smollm2_tokenizer.pad_token_id,
-        bos_token_id=smollm2_tokenizer.bos_token_id,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    smollm2_tokenizer.save_pretrained(folder)
-    return folder
 
 
 def _train_args(model_dir, output, *extra):
