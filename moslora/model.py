@@ -310,8 +310,17 @@ class MoSLoraModel(nn.Module):
             f"trainable%: {100 * trainable / total:.4f}"
         )
 
-    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """The adapter's tensors keyed ``<module path>.<container>[.<sub key>]``, no name."""
+    def adapter_state_dict(
+        self,
+        adapter_name: str | None = None,
+        full_state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The adapter's tensors keyed ``<module path>.<container>[.<sub key>]``, no name.
+
+        ``full_state_dict`` is a state dict of this whole wrapper gathered elsewhere (FSDP's
+        full state dict, DeepSpeed's consolidated one); the adapter's tensors are then taken
+        from it instead of from the local parameters, which may be shards.
+        """
         name = adapter_name or self.active_adapter
         state = {}
         for path, layer in self.named_adapter_layers():
@@ -322,24 +331,29 @@ class MoSLoraModel(nn.Module):
                 if name not in holder:
                     continue
                 value = holder[name]
-                if isinstance(value, nn.Module):
-                    for key, tensor in value.state_dict().items():
-                        state[f"{path}.{container}.{key}"] = tensor.detach().clone().contiguous()
-                else:
-                    state[f"{path}.{container}"] = value.detach().clone().contiguous()
+                local = value.state_dict() if isinstance(value, nn.Module) else {"": value}
+                for key, tensor in local.items():
+                    suffix = f".{key}" if key else ""
+                    if full_state_dict is not None:
+                        tensor = full_state_dict[f"base_model.{path}.{container}.{name}{suffix}"]
+                    state[f"{path}.{container}{suffix}"] = tensor.detach().clone().contiguous()
         return state
 
     # ---- saving and loading -----------------------------------------------------------------
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None
+        self,
+        save_directory: str | os.PathLike,
+        selected_adapters: list[str] | None = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Write each adapter as ``adapter_model.safetensors`` plus ``adapter_config.json``.
 
         The adapter named "default" goes to ``save_directory`` itself and any other adapter to
         the subfolder of its name, as in PEFT. Each file is written under a temporary name and
         renamed into place, weights first and config last, so a folder whose config exists
-        always has complete weights.
+        always has complete weights. ``state_dict``, when given, is a full state dict of this
+        wrapper to take the tensors from (see ``adapter_state_dict``).
         """
         root = Path(save_directory)
         names = selected_adapters or list(self.peft_config)
@@ -350,7 +364,8 @@ class MoSLoraModel(nn.Module):
                 )
             folder = root if name == "default" else root / name
             folder.mkdir(parents=True, exist_ok=True)
-            state = {key: value.cpu() for key, value in self.adapter_state_dict(name).items()}
+            tensors = self.adapter_state_dict(name, state_dict)
+            state = {key: value.cpu() for key, value in tensors.items()}
             write_bytes_atomic(folder / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
             self.peft_config[name].save(folder)
 

@@ -236,7 +236,10 @@ class MoSLoraTrainer(Trainer):
         if not self.args.should_save:
             return
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        self._adapter_model().save_pretrained(output_dir)
+        # Under FSDP and DeepSpeed the Trainer passes the gathered full state dict, because the
+        # local parameters may be shards.
+        # NOTE: that path is only tested with a single-process state dict: no GPU runs in CI.
+        self._adapter_model().save_pretrained(output_dir, state_dict=state_dict)
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)

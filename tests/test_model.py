@@ -453,3 +453,19 @@ def test_interrupted_save_keeps_previous_adapter(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
     reloaded = MoSLoraModel.from_pretrained(tiny_model(), tmp_path)
     assert torch.equal(reloaded(ids).logits, expected)
+
+
+def test_save_from_full_state_dict_matches_local(tmp_path):
+    model = get_moslora_model(
+        tiny_model(), _config(["euclidean", "hyperbolic", "spherical"], share_router=True)
+    )
+    randomise_adapter(model)
+    local = model.adapter_state_dict()
+    gathered = model.adapter_state_dict(full_state_dict=model.state_dict())
+    assert local.keys() == gathered.keys()
+    assert all(torch.equal(local[key], gathered[key]) for key in local)
+    model.save_pretrained(tmp_path, state_dict=model.state_dict())
+    assert torch.equal(
+        MoSLoraModel.from_pretrained(tiny_model(), tmp_path)(_inputs()).logits,
+        model.eval()(_inputs()).logits,
+    )
