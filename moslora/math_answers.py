@@ -2,8 +2,9 @@
 
 AQuA generations are scored by the letter (A-E) they choose, with a numeric fallback against
 the choice texts. MATH generations are scored by the content of their last ``\\boxed{...}``,
-compared with the LaTeX gold answer after string normalisation and, failing that, by a
-symbolic check with sympy on a small LaTeX subset parsed here.
+compared with the LaTeX gold answer after string normalisation and, failing that, by
+converting both to sympy (a small LaTeX subset parsed here, because sympy.parsing.latex needs
+the antlr4 package) and comparing their values.
 """
 
 from __future__ import annotations
@@ -352,11 +353,11 @@ def normalize_latex(answer: str) -> str:
     The steps remove math delimiters, ``\\left``/``\\right``, spacing commands (``\\!``,
     ``\\,``, ``\\;``), degrees (``^\\circ``, ``°``), percent and dollar signs, a unit in
     ``\\text{}`` or a unit word after a number, a trailing period and a single-variable prefix
-    ("x =", "y=", "x \\in"). They turn ``\\dfrac``/``\\tfrac`` into ``\\frac``, brace the
-    arguments of ``\\frac12`` and ``\\sqrt2``, unwrap a text-only answer (``\\text{Evelyn}`` to
-    "Evelyn") and "(B)" to "B", drop thousands separators from a plain number, write ".5" as
-    "0.5", drop braces around a one-character exponent or subscript and remove whitespace
-    except between a command and a letter.
+    ("x =", "y=", "x \\in"). They turn ``\\dfrac``/``\\tfrac`` into ``\\frac`` and brace the
+    arguments of ``\\frac12`` and ``\\sqrt2``. A text-only answer is unwrapped
+    (``\\text{Evelyn}`` to "Evelyn") and "(B)" becomes "B". A plain number loses its thousands
+    separators and ".5" becomes "0.5". Finally, braces around a one-character exponent or
+    subscript go, and so does whitespace, except between a command and a letter.
     """
     text = _strip_math_delimiters(answer.strip())
     text = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", text)
@@ -419,6 +420,16 @@ _PRODUCT_COMMANDS = frozenset({"\\cdot", "\\times"})
 _MAX_EXPONENT = 1000
 _MAX_POWER_BITS = 100_000
 _MAX_FACTORIAL = 1000
+
+# Values given to the variables of an answer when comparing it numerically, one tuple per
+# sample point and one value per variable in name order (reused past the third variable).
+# They are irrational-looking so that factors such as (x - 1) do not vanish by chance.
+_SAMPLE_POINTS = (
+    tuple(sympy.Float(value) for value in ("0.7381", "1.3119", "2.0547")),
+    tuple(sympy.Float(value) for value in ("1.6243", "0.4172", "2.9931")),
+    tuple(sympy.Float(value) for value in ("2.4417", "3.1783", "0.5873")),
+)
+_EVALUATION_DIGITS = 30
 
 # A whole answer "137\frac{1}{2}" is the mixed number 137 + 1/2, not a product.
 _MIXED_NUMBER = re.compile(r"(-?)(\d+)\\frac\{(\d+)\}\{(\d+)\}")
@@ -714,8 +725,20 @@ def _parse_answer(text: str) -> _Answer:
     return _Answer("expression", (_to_sympy(text),))
 
 
+def _values_close(first: sympy.Expr, second: sympy.Expr) -> bool:
+    """Return whether two numbers differ by at most RELATIVE_TOLERANCE of the larger one."""
+    difference = abs(first - second)
+    return bool(difference <= RELATIVE_TOLERANCE * max(abs(first), abs(second)))
+
+
 def _expressions_equal(first: sympy.Expr, second: sympy.Expr) -> bool:
-    """Return whether two sympy expressions are equal symbolically or numerically."""
+    """Return whether two sympy expressions are equal, numerically at fixed sample points.
+
+    Expressions with variables are evaluated at _SAMPLE_POINTS, and points where either side
+    is not finite are skipped. NOTE: this replaces ``sympy.simplify(a - b) == 0``, which has
+    no timeout and took over 3 seconds on some inputs under 100 characters (sympy 1.14). Agreement
+    at three points can in principle accept two different expressions.
+    """
     if first == second:
         return True
     infinite = (sympy.oo, -sympy.oo, sympy.zoo, sympy.nan)
@@ -724,14 +747,20 @@ def _expressions_equal(first: sympy.Expr, second: sympy.Expr) -> bool:
     if first.is_Integer and second.is_Integer:
         # Two different integers are never close enough, however large they are.
         return False
-    if sympy.simplify(first - second) == 0:
-        return True
-    if first.free_symbols or second.free_symbols:
-        return False
-    first_value = complex(sympy.N(first))
-    second_value = complex(sympy.N(second))
-    scale = max(abs(first_value), abs(second_value))
-    return abs(first_value - second_value) <= RELATIVE_TOLERANCE * scale
+    symbols = sorted(first.free_symbols | second.free_symbols, key=str)
+    compared = 0
+    for point in _SAMPLE_POINTS[: 1 if not symbols else len(_SAMPLE_POINTS)]:
+        values = {symbol: point[index % len(point)] for index, symbol in enumerate(symbols)}
+        first_value = first.evalf(_EVALUATION_DIGITS, subs=values)
+        second_value = second.evalf(_EVALUATION_DIGITS, subs=values)
+        if not (first_value.is_number and second_value.is_number):
+            return False
+        if not (first_value.is_finite and second_value.is_finite):
+            continue
+        if not _values_close(first_value, second_value):
+            return False
+        compared += 1
+    return compared > 0
 
 
 def _unordered_equal(first: tuple, second: tuple) -> bool:
@@ -772,9 +801,10 @@ def latex_equivalent(predicted: str, gold: str) -> bool:
 
     The answers are equal when their normalised strings are equal (text answers of two or
     more letters ignore case). Otherwise both are parsed with the converter above and
-    compared part by part: ``sympy.simplify(a - b) == 0``, or for non-integer constants a
-    relative difference within 1e-6, so "0.3333333" equals ``\\frac{1}{3}`` but two
-    different integers never match. Tuples and intervals need the same bracket pair and
+    compared part by part: sympy equality, else a relative difference within 1e-6 when
+    evaluated (at three sample points when there are variables). So "0.3333333" equals
+    ``\\frac{1}{3}`` and "(x+2)(x+5)" equals "x^2+7x+10", but two different integers never
+    match. Tuples and intervals need the same bracket pair and
     order, while bare lists ("1,-2") and ``\\{...\\}`` sets match in any order, with "a \\pm b"
     read as the two items a+b and a-b. Answers longer than 200 characters after
     normalisation, or outside the converter's subset (words, subscripts such as base
@@ -795,6 +825,6 @@ def latex_equivalent(predicted: str, gold: str) -> bool:
     except _UnsupportedLatex:
         return False
     except Exception:
-        # sympy raises many exception types (TypeError, ZeroDivisionError, RecursionError and
-        # its own) on odd input, and any of them means the answers could not be shown equal.
+        # sympy has no single exception type for input it cannot handle, so any exception
+        # means that the answers could not be shown equal.
         return False
