@@ -352,11 +352,12 @@ def _markdown(result: dict[str, Any]) -> str:
     if "memory" in result:
         lines += [
             "",
-            "| peak memory of 2 training steps | peak RSS MB | growth during steps MB |",
+            "| training memory | saved activations MB | adapter state MB (x4) |",
             "|---|---|---|",
         ]
         for name, row in result["memory"].items():
-            lines.append(f"| {name} | {row['peak_rss_mb']:.0f} | {row['step_rss_growth_mb']:.0f} |")
+            saved, state = row["saved_activations_mb"], row["adapter_state_mb"]
+            lines.append(f"| {name} | {saved:.1f} | {state:.1f} |")
     lines.append("")
     lines.append(_verdict(result))
     return "\n".join(lines)
@@ -426,6 +427,8 @@ def main() -> None:
     result["transition"] = bench_transition(args)
     if not args.no_memory:
         result["memory"] = bench_memory(args)
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     markdown = _markdown(result)
     print(f"{result['command']}\n{result['machine']}, {result['date']}\n")
     print(markdown)
