@@ -156,8 +156,74 @@ def _settings(args: argparse.Namespace, *classes: type) -> list[dict[str, Any]]:
         if key not in ("command", "config", "verbose")
     }
     allowed = {item.name for cls in classes for item in dataclasses.fields(cls)}
-    recipe = _load_recipe(args.config, allowed) if getattr(args, "config", None) else {}
+    recipe = {}
+    if getattr(args, "config", None):
+        raw = _load_recipe(args.config, allowed)
+        recipe = {key: _coerce(key, value, classes, args.config) for key, value in raw.items()}
     return _split({**recipe, **given}, *classes)
+
+
+def _field_type(name: str, classes: tuple[type, ...]) -> Any:
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        if name in hints:
+            return hints[name]
+    raise KeyError(name)
+
+
+def _coerce(name: str, value: Any, classes: tuple[type, ...], path: str) -> Any:
+    """Convert a recipe value to its field's type, as the flag of the same name would.
+
+    YAML reads ``3e-4`` as a string and ``a,b`` as one string, so numbers and comma-separated
+    lists given as strings are converted; anything else of the wrong type is an error.
+    """
+    kind, optional = _base_type(_field_type(name, classes))
+    if value is None and optional:
+        return None
+
+    def invalid(expected: str) -> ValueError:
+        return ValueError(f"--config: {path}: {name} must be {expected}, got {value!r}")
+
+    if name == "target_modules":
+        if isinstance(value, str):
+            return _target_modules(value)
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return value
+        raise invalid("a list of module names or a regular expression")
+    if name == "init_curvature":
+        if isinstance(value, str):
+            return _parse_curvatures(value)
+        if isinstance(value, dict):
+            return value
+        raise invalid("a mapping of expert kind to curvature")
+    if name == "router_groups":
+        return value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise invalid("true or false")
+    if kind in (int, float):
+        if isinstance(value, bool):
+            raise invalid(f"a number ({kind.__name__})")
+        if isinstance(value, (int, float)) and (kind is float or isinstance(value, int)):
+            return kind(value)
+        if isinstance(value, str):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+        raise invalid(f"a number ({kind.__name__})")
+    if typing.get_origin(kind) in (list, tuple):
+        if isinstance(value, str):
+            return _comma_list(value)
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return value
+        raise invalid("a list of strings")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise invalid("a string")
+    return value
 
 
 def _parse_curvatures(text: str) -> dict[str, float]:
@@ -284,8 +350,14 @@ def _command_quickstart(args: argparse.Namespace) -> int:
     generation = GenerationConfig(
         max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size
     )
+    if args.test_limit < 1:
+        raise ValueError(f"--test-limit must be at least 1, got {args.test_limit}")
+    if args.train_limit < 1:
+        raise ValueError(f"--train-limit must be at least 1, got {args.train_limit}")
+    if not args.epochs > 0:
+        raise ValueError(f"--epochs must be above 0, got {args.epochs}")
     test = {"data": "mawps", "split": "test", "limit": args.test_limit, "exclude": ["mawps:train"]}
-    base_summary = run_eval(EvalConfig(output=str(output / "eval-base"), **test), generation)
+    # Every setting is checked before the first evaluation, which takes minutes.
     train_config = TrainConfig(
         output=str(output / "adapter"),
         data="mawps",
@@ -296,7 +368,9 @@ def _command_quickstart(args: argparse.Namespace) -> int:
         overwrite=True,
         save_steps=1000,
     )
+    train_config.validate()
     adapter_config = MoSLoraConfig(r=args.r)
+    base_summary = run_eval(EvalConfig(output=str(output / "eval-base"), **test), generation)
     train(train_config, adapter_config)
     tuned_summary = run_eval(
         EvalConfig(output=str(output / "eval-tuned"), adapter=str(output / "adapter"), **test),

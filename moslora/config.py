@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,13 @@ class MoSLoraConfig:
                 raise ValueError(
                     "target_modules: an empty pattern matches nothing; give names or a regex"
                 )
+            try:
+                re.compile(self.target_modules)
+            except re.error as error:
+                raise ValueError(
+                    f"target_modules: {self.target_modules!r} is not a valid regular expression "
+                    f"({error}); give module names separated by commas or fix the pattern"
+                ) from error
         elif not self.target_modules or not all(
             isinstance(n, str) and n for n in self.target_modules
         ):

@@ -169,10 +169,16 @@ def _read_jsonl_rows(path: Path) -> list[Any]:
 
 
 def _read_rows(path: Path) -> list[Any]:
-    if path.suffix == ".json":
-        return _read_json_rows(path)
-    if path.suffix == ".jsonl":
-        return _read_jsonl_rows(path)
+    try:
+        if path.suffix == ".json":
+            return _read_json_rows(path)
+        if path.suffix == ".jsonl":
+            return _read_jsonl_rows(path)
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{path}: not UTF-8 text ({error.reason} at byte {error.start}). "
+            "Save the file as UTF-8 JSON"
+        ) from error
     raise DataError(f"{path}: unsupported file type {path.suffix!r}. Use a .json or .jsonl file")
 
 
@@ -562,7 +568,7 @@ def _resolve(data: str, split: str, data_dir: str | Path | None) -> _RawSet:
     if path.is_file():
         dataset = path.resolve().parent.name or path.stem
         return _RawSet(_read_rows(path), str(path), dataset, path.stem)
-    if _HUB_ID.fullmatch(data):
+    if _HUB_ID.fullmatch(data) and path.suffix not in (".json", ".jsonl"):
         label = f"{data}[{split}]"
         return _RawSet(_load_hub_rows(data, split), label, data.split("/")[1].lower(), split)
     raise DataError(

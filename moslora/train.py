@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import platform
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 import moslora
-from moslora.config import CONFIG_NAME, MoSLoraConfig
+from moslora.config import CONFIG_NAME, WEIGHTS_NAME, MoSLoraConfig
 from moslora.files import write_json_atomic
 from moslora.model import MoSLoraModel, get_moslora_model
 
@@ -124,8 +125,21 @@ class TrainConfig:
             raise ValueError(f"--save-total-limit must be at least 2, got {self.save_total_limit}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be at least 1, got {self.limit}")
+        if not math.isfinite(self.epochs):
+            raise ValueError(f"--epochs must be a finite number, got {self.epochs}")
         if not (self.epochs > 0 or self.max_steps > 0):
             raise ValueError("set --epochs above 0 or --max-steps to a positive number")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(
+                f"--weight-decay must be a non-negative number, got {self.weight_decay}"
+            )
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise ValueError(
+                f"--max-grad-norm must be a non-negative number (0 turns clipping off), "
+                f"got {self.max_grad_norm}"
+            )
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed must be from 0 to 2**32 - 1, got {self.seed}")
         for name in ("lr", "curvature_lr"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -298,19 +312,7 @@ def train(config: TrainConfig, adapter_config: MoSLoraConfig) -> dict[str, Any]:
 
     config.validate()
     output = Path(config.output)
-    if (output / CONFIG_NAME).is_file() and not (config.resume or config.overwrite):
-        raise FileExistsError(
-            f"{output} already holds a trained adapter; pass --overwrite to replace it, "
-            "--resume to continue its run, or choose another --output"
-        )
-    checkpoint = None
-    if config.resume:
-        checkpoint = last_complete_checkpoint(output / CHECKPOINTS)
-        if checkpoint is None:
-            raise FileNotFoundError(
-                f"--resume: no checkpoint found in {output / CHECKPOINTS}; start without --resume"
-            )
-    output.mkdir(parents=True, exist_ok=True)
+    checkpoint = _check_output(output, config, adapter_config)
 
     examples = load_examples(
         config.data, config.split, data_dir=config.data_dir, limit=config.limit, for_training=True
@@ -318,7 +320,10 @@ def train(config: TrainConfig, adapter_config: MoSLoraConfig) -> dict[str, Any]:
     transformers.set_seed(config.seed)
     base, tokenizer = load_model_and_tokenizer(config.model, dtype=config.dtype)
     rows = [tokenize_for_training(example, tokenizer, config.max_length) for example in examples]
-    adapter_config.base_model_name_or_path = config.model or DEFAULT_MODEL
+    adapter_config.base_model_name_or_path = _model_reference(config.model) or DEFAULT_MODEL
+    if config.overwrite and checkpoint is None:
+        _remove_previous_run(output)
+    output.mkdir(parents=True, exist_ok=True)
     model = get_moslora_model(base, adapter_config)
     model.train()
     trainable, total = model.get_nb_trainable_parameters()
@@ -367,6 +372,63 @@ def train(config: TrainConfig, adapter_config: MoSLoraConfig) -> dict[str, Any]:
         write_json_atomic(output / RUN_CONFIG_NAME, record)
         logger.info("adapter written to %s", output)
     return record
+
+
+def _check_output(output: Path, config: TrainConfig, adapter_config: MoSLoraConfig) -> str | None:
+    """Refuse to mix runs in one folder; return the checkpoint to resume from, if any."""
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"--output {output} is a file; give a folder for the run")
+    if config.resume:
+        checkpoint = last_complete_checkpoint(output / CHECKPOINTS)
+        if checkpoint is None:
+            raise FileNotFoundError(
+                f"--resume: no complete checkpoint found in {output / CHECKPOINTS}; "
+                "start without --resume"
+            )
+        saved = MoSLoraConfig.load(checkpoint).to_dict()
+        current = adapter_config.to_dict()
+        differing = sorted(
+            key
+            for key in current
+            if key != "base_model_name_or_path" and saved.get(key) != current[key]
+        )
+        if differing:
+            details = ", ".join(
+                f"{key}={saved.get(key)!r} (now {current[key]!r})" for key in differing
+            )
+            raise ValueError(
+                f"--resume: the checkpoint {checkpoint} was made with {details}; "
+                "resume with the same adapter settings"
+            )
+        return checkpoint
+    if config.overwrite:
+        return None
+    if (output / CONFIG_NAME).is_file():
+        raise FileExistsError(
+            f"{output} already holds a trained adapter; pass --overwrite to replace it, "
+            "--resume to continue its run, or choose another --output"
+        )
+    if last_complete_checkpoint(output / CHECKPOINTS) is not None:
+        raise FileExistsError(
+            f"{output} holds checkpoints of an unfinished run; pass --resume to continue it, "
+            "--overwrite to start again, or choose another --output"
+        )
+    return None
+
+
+def _remove_previous_run(output: Path) -> None:
+    """Delete the files of an earlier run, so a killed new run never looks finished."""
+    # The config goes first: a folder without it is not a loadable adapter.
+    for name in (CONFIG_NAME, WEIGHTS_NAME, RUN_CONFIG_NAME):
+        (output / name).unlink(missing_ok=True)
+    shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
+
+
+def _model_reference(model: str | None) -> str | None:
+    """``--model`` as recorded in the adapter: local folders as absolute paths."""
+    if model is not None and Path(model).expanduser().is_dir():
+        return str(Path(model).expanduser().resolve())
+    return model
 
 
 def last_complete_checkpoint(folder: Path) -> str | None:

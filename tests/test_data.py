@@ -768,3 +768,15 @@ def test_collator_needs_pad_token():
 def test_collator_empty_batch(smollm2_tokenizer):
     with pytest.raises(ValueError, match="empty"):
         CausalLMCollator(smollm2_tokenizer)([])
+
+
+def test_non_utf8_file_named(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_bytes(b"\xff\xfe[]")
+    with pytest.raises(DataError, match="bad.json: not UTF-8 text"):
+        load_examples(str(path))
+
+
+def test_missing_nested_json_path_is_not_a_hub_id(tmp_path):
+    with pytest.raises(DataError, match="is not a dataset name"):
+        load_examples("d/nonexistent.json")

@@ -163,7 +163,7 @@ def test_resume_matches_uninterrupted_run(tiny_model_dir, tmp_path, data_dir):
 
 def test_resume_without_checkpoint_fails(tiny_model_dir, tmp_path, data_dir, capsys):
     assert main(_train_args(tiny_model_dir, tmp_path / "run", "--resume")) == 2
-    assert "no checkpoint found" in capsys.readouterr().err
+    assert "no complete checkpoint found" in capsys.readouterr().err
 
 
 def test_aux_loss_reaches_training_loss(tiny_model_dir, tmp_path, data_dir):
@@ -358,3 +358,109 @@ def test_resume_skips_incomplete_checkpoint(tmp_path):
         (folder / f"checkpoint-{step}" / CHECKPOINT_COMPLETE).write_text(str(step))
     assert last_complete_checkpoint(folder) == str(folder / "checkpoint-4")
     assert last_complete_checkpoint(tmp_path / "missing") is None
+
+
+def test_recipe_values_converted_like_flags(tiny_model_dir, tmp_path, data_dir):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "lr: 3e-4\nexperts: euclidean,hyperbolic\ntarget_modules: q_proj,v_proj\n"
+        "init_curvature: {hyperbolic: -0.25}\nmax_steps: 1\n"
+    )
+    output = tmp_path / "run"
+    assert main(_train_args(tiny_model_dir, output, "--config", str(recipe))) == 0
+    record = json.loads((output / RUN_CONFIG_NAME).read_text())
+    assert record["train"]["lr"] == 3e-4
+    assert record["adapter"]["experts"] == ["euclidean", "hyperbolic"]
+    assert record["adapter"]["target_modules"] == ["q_proj", "v_proj"]
+    assert record["adapter"]["init_curvature"]["hyperbolic"] == -0.25
+
+
+@pytest.mark.parametrize(
+    ("recipe", "message"),
+    [
+        ("epochs: three\n", "epochs must be a number"),
+        ("calibrate: maybe\n", "calibrate must be true or false"),
+        ("init_curvature: -0.5\n", "init_curvature must be a mapping"),
+    ],
+)
+def test_recipe_wrong_types_named(tiny_model_dir, tmp_path, capsys, recipe, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe)
+    assert main(_train_args(tiny_model_dir, tmp_path / "run", "--config", str(path))) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--target-modules", "["], "is not a valid regular expression"),
+        (["--epochs", "inf"], "--epochs must be a finite number"),
+        (["--weight-decay", "-1"], "--weight-decay must be a non-negative number"),
+        (["--max-grad-norm", "nan"], "--max-grad-norm must be a non-negative number"),
+        (["--seed", "-1"], "--seed must be from 0"),
+        (["--save-total-limit", "1"], "--save-total-limit must be at least 2"),
+    ],
+)
+def test_train_cli_more_bad_values(tiny_model_dir, tmp_path, data_dir, capsys, flags, message):
+    output = tmp_path / "run"
+    assert main(_train_args(tiny_model_dir, output, "--max-steps", "1", *flags)) == 2
+    assert message in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_unfinished_run_not_silently_replaced(tiny_model_dir, tmp_path, data_dir, capsys):
+    output = tmp_path / "run"
+    original, interrupted = _interrupt_after(3)
+    MoSLoraTrainer.training_step = interrupted
+    try:
+        # The CLI turns the interruption into exit status 130.
+        assert (
+            main(_train_args(tiny_model_dir, output, "--max-steps", "6", "--save-steps", "2"))
+            == 130
+        )
+    finally:
+        MoSLoraTrainer.training_step = original
+    assert main(_train_args(tiny_model_dir, output, "--max-steps", "6")) == 2
+    assert "unfinished run" in capsys.readouterr().err
+    assert (output / "checkpoints" / "checkpoint-2").is_dir()
+
+
+def test_resume_with_other_settings_named(tiny_model_dir, tmp_path, data_dir, capsys):
+    output = tmp_path / "run"
+    original, interrupted = _interrupt_after(3)
+    MoSLoraTrainer.training_step = interrupted
+    try:
+        flags = ["--max-steps", "6", "--save-steps", "2", "--r", "4"]
+        assert main(_train_args(tiny_model_dir, output, *flags)) == 130
+    finally:
+        MoSLoraTrainer.training_step = original
+    assert (
+        main(_train_args(tiny_model_dir, output, "--max-steps", "6", "--resume", "--r", "2")) == 2
+    )
+    assert "was made with r=4 (now 2)" in capsys.readouterr().err
+
+
+def test_overwrite_removes_previous_adapter_first(tiny_model_dir, tmp_path, data_dir):
+    output = tmp_path / "run"
+    assert main(_train_args(tiny_model_dir, output, "--max-steps", "1", "--r", "4")) == 0
+    original, interrupted = _interrupt_after(1)
+    MoSLoraTrainer.training_step = interrupted
+    try:
+        # The CLI turns the interruption into exit status 130.
+        assert (
+            main(_train_args(tiny_model_dir, output, "--max-steps", "4", "--overwrite", "--r", "2"))
+            == 130
+        )
+    finally:
+        MoSLoraTrainer.training_step = original
+    # The interrupted replacement leaves no adapter that would load as the old one.
+    assert not (output / CONFIG_NAME).exists()
+    assert not (output / WEIGHTS_NAME).exists()
+
+
+def test_relative_model_path_recorded_absolute(tiny_model_dir, tmp_path, data_dir, monkeypatch):
+    monkeypatch.chdir(tiny_model_dir.parent)
+    output = tmp_path / "run"
+    assert main(_train_args(tiny_model_dir.name, output, "--max-steps", "1")) == 0
+    saved = json.loads((output / CONFIG_NAME).read_text())
+    assert saved["base_model_name_or_path"] == str(tiny_model_dir.resolve())
