@@ -263,7 +263,15 @@ def _load_for_eval(config: EvalConfig):
     model_name = config.model
     if config.adapter is not None and model_name is None:
         model_name = MoSLoraConfig.load(config.adapter).base_model_name_or_path
-    model, tokenizer = load_model_and_tokenizer(model_name, dtype=config.dtype)
+        try:
+            model, tokenizer = load_model_and_tokenizer(model_name, dtype=config.dtype)
+        except OSError as error:
+            raise OSError(
+                f"the base model recorded in {config.adapter}, {model_name!r}, could not be "
+                f"loaded ({error}); pass --model with the folder or Hub id it was trained on"
+            ) from error
+    else:
+        model, tokenizer = load_model_and_tokenizer(model_name, dtype=config.dtype)
     if config.adapter is not None:
         model = MoSLoraModel.from_pretrained(model, config.adapter)
     return model, tokenizer, model_name

@@ -464,3 +464,21 @@ def test_relative_model_path_recorded_absolute(tiny_model_dir, tmp_path, data_di
     assert main(_train_args(tiny_model_dir.name, output, "--max-steps", "1")) == 0
     saved = json.loads((output / CONFIG_NAME).read_text())
     assert saved["base_model_name_or_path"] == str(tiny_model_dir.resolve())
+
+
+def test_eval_names_missing_recorded_base(tiny_model_dir, tmp_path, data_dir, capsys):
+    adapter = tmp_path / "adapter"
+    assert main(_train_args(tiny_model_dir, adapter, "--max-steps", "1")) == 0
+    config_path = adapter / CONFIG_NAME
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "moved-away")
+    config_path.write_text(json.dumps(config))
+    assert (
+        main(
+            ["eval", "--adapter", str(adapter), "--output", str(tmp_path / "eval"), "--limit", "1"]
+        )
+        == 2
+    )
+    message = capsys.readouterr().err
+    assert "the base model recorded in" in message
+    assert "pass --model" in message
