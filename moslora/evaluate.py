@@ -162,6 +162,23 @@ def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
     return text[:end]
 
 
+def _check_context(
+    model: Any, attention_mask: torch.Tensor, prompts: list[str], max_new_tokens: int
+) -> None:
+    """Raise ValueError when a prompt plus the generated tokens exceeds the model's context."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(context, int):
+        return
+    lengths = attention_mask.sum(dim=-1).tolist()
+    for prompt, length in zip(prompts, lengths, strict=True):
+        if length + max_new_tokens > context:
+            raise ValueError(
+                f"a prompt of {length} tokens plus --max-new-tokens {max_new_tokens} exceeds the "
+                f"model's context of {context} tokens (prompt starts {prompt[:80]!r}); lower "
+                "--max-new-tokens or shorten the problem"
+            )
+
+
 def _generate_batch(
     model: Any, tokenizer: Any, prompts: list[str], config: GenerationConfig
 ) -> list[tuple[str, int]]:
@@ -181,6 +198,7 @@ def _generate_batch(
         return_tensors="pt",
         add_special_tokens=_add_special_tokens(tokenizer),
     )
+    _check_context(model, encoded["attention_mask"], prompts, config.max_new_tokens)
     device = _model_device(model)
     input_ids = encoded["input_ids"].to(device)
     attention_mask = encoded["attention_mask"].to(device)

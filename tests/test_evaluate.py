@@ -451,3 +451,15 @@ def test_smollm2_answers_mawps(data_dir, tmp_path):
     for record in records:
         assert record["generation"].strip()
         assert 0 < record["generated_tokens"] <= 32
+
+
+def test_prompt_longer_than_context_rejected(smollm2_tokenizer):
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer), hidden_size=16, intermediate_size=32,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config).eval()
+    settings = ev.GenerationConfig(max_new_tokens=8)
+    with pytest.raises(ValueError, match="exceeds the model's context of 64 tokens"):
+        ev.generate(model, smollm2_tokenizer, ["word " * 80], settings)
