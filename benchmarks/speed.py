@@ -175,6 +175,7 @@ def bench_training(args) -> dict[str, Any]:
         "moslora-third",
         "moslora-third:fast",
         "moslora-third:shared",
+        "moslora-third:compile",
         "moslora-full",
     ]
     models, optimizers, runs = {}, {}, {}
