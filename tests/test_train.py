@@ -482,3 +482,17 @@ def test_eval_names_missing_recorded_base(tiny_model_dir, tmp_path, data_dir, ca
     message = capsys.readouterr().err
     assert "the base model recorded in" in message
     assert "pass --model" in message
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--r", "0"], "r must be a positive integer"),
+        (["--test-limit", "0"], "--test-limit must be at least 1"),
+    ],
+)
+def test_quickstart_checks_settings_first(tmp_path, capsys, flags, message):
+    output = tmp_path / "quickstart"
+    assert main(["quickstart", "--output", str(output), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (output / "eval-base").exists()
