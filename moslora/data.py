@@ -35,15 +35,16 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """One math word problem with its numeric gold answer."""
+    """One math problem with its gold answer."""
 
     id: str  # the row's own id, else "<dataset>-<split>-<row index>"
     question: str
-    answer: float
+    answer: float | str  # a number; a letter A-E for "choice"; a LaTeX string for "latex"
     target: (
         str | None
     )  # response ending in "The answer is N.", or None without a reference solution
     source: str  # "<file or Hub id>:<row index>"
+    answer_type: str = "number"  # how a generation is scored: "number", "choice" or "latex"
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ DATASETS: dict[str, DatasetSpec] = {
     "multiarith": DatasetSpec(
         "multiarith", {"test": "test.json"}, _LLM_ADAPTERS, "ChilleD/MultiArith"
     ),
+    "aqua": DatasetSpec("aqua", {"test": "test.json"}, _LLM_ADAPTERS),
+    "math500": DatasetSpec("math500", {"test": "test.jsonl"}, "math500"),
 }
 
 TRAINABLE = frozenset({"gsm8k", "mawps"})
@@ -79,6 +82,7 @@ TRAINABLE = frozenset({"gsm8k", "mawps"})
 # The fields that identify each file format in the first row.
 _FORMAT_FIELDS = {
     "mawps": ("original_text", "ans", "equation"),
+    "math500": ("problem", "answer"),
     _LLM_ADAPTERS: ("instruction", "answer"),
     "gsm8k": ("question", "answer"),
 }
@@ -485,9 +489,31 @@ def _llm_adapters_example(row: dict[str, Any], context: _RowContext) -> Example:
     extra = row.get("input")
     if isinstance(extra, str) and extra.strip():
         instruction = f"{instruction}\n{_clean_tokenized_text(extra)}"
-    answer = _required_answer(row, "answer", context)
     # The `output` field is a rationale written by another model, not a reference solution.
+    letter = row.get("answer")
+    if (
+        isinstance(letter, str)
+        and _CHOICE_LETTER.fullmatch(letter.strip())
+        and ("Answer Choices" in instruction)
+    ):
+        # AQuA-style multiple choice: the gold answer is the letter of the right choice.
+        return Example(
+            context.example_id, instruction, letter.strip(), None, context.source, "choice"
+        )
+    answer = _required_answer(row, "answer", context)
     return Example(context.example_id, instruction, answer, None, context.source)
+
+
+_CHOICE_LETTER = re.compile(r"[A-E]")
+
+
+def _math500_example(row: dict[str, Any], context: _RowContext) -> Example:
+    problem = _required_question(row, "problem", context)
+    answer = row.get("answer")
+    if not isinstance(answer, str) or not answer.strip():
+        raise context.error("answer", "is missing or empty", "Every row needs its LaTeX answer")
+    example_id = str(row.get("unique_id") or context.example_id)
+    return Example(example_id, problem, answer.strip(), None, context.source, "latex")
 
 
 def _detect_format(first_row: Any, label: str) -> str:
@@ -528,6 +554,8 @@ def _examples_from_rows(
         context = _RowContext(label, index, _row_id(row), dataset, split)
         if file_format == "mawps":
             examples.append(_mawps_example(row, context, stats))
+        elif file_format == "math500":
+            examples.append(_math500_example(row, context))
         elif file_format == "gsm8k":
             examples.append(_gsm8k_example(row, context))
         else:
@@ -603,6 +631,8 @@ def load_examples(
     if not rows:
         raise DataError(f"{raw.label}: contains no rows. Pass a file with at least one example.")
     file_format = _detect_format(rows[0], raw.label)
+    if for_training and file_format == "math500":
+        raise DataError(f"{raw.label}: MATH500 is a test set. {_TRAIN_ON_HINT}")
     if for_training and file_format == _LLM_ADAPTERS:
         raise DataError(
             f"{raw.label}: LLM-Adapters files have no reference solutions (their 'output' "

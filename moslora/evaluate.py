@@ -26,6 +26,12 @@ import torch
 from moslora.answers import extract_answer, is_correct
 from moslora.data import Example, build_prompt
 from moslora.files import write_json_atomic, write_text_atomic
+from moslora.math_answers import (
+    extract_choice,
+    extract_latex_answer,
+    latex_equivalent,
+    parse_choices,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -360,11 +366,18 @@ def _record_line(record: dict[str, Any]) -> str:
 
 
 def _score(example: Example, generation: str, generated_tokens: int) -> dict[str, Any]:
-    extracted = extract_answer(generation)
-    correct = is_correct(extracted, example.answer)
-    if extracted is not None and not math.isfinite(extracted):
-        # JSON has no infinity. A number too large for a float is scored wrong either way.
-        extracted = None
+    if example.answer_type == "choice":
+        extracted = extract_choice(generation, parse_choices(example.question))
+        correct = extracted == example.answer
+    elif example.answer_type == "latex":
+        extracted = extract_latex_answer(generation)
+        correct = extracted is not None and latex_equivalent(extracted, str(example.answer))
+    else:
+        extracted = extract_answer(generation)
+        correct = is_correct(extracted, example.answer)
+        if extracted is not None and not math.isfinite(extracted):
+            # JSON has no infinity. A number too large for a float is scored wrong either way.
+            extracted = None
     return {
         "id": example.id,
         "question": example.question,

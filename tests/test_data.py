@@ -38,6 +38,8 @@ ROW_COUNTS = {
     ("addsub", "test"): 395,
     ("singleeq", "test"): 508,
     ("multiarith", "test"): 600,
+    ("aqua", "test"): 254,
+    ("math500", "test"): 500,
 }
 
 
@@ -87,7 +89,10 @@ def test_named_dataset_loads(data_dir, name, split):
     assert all(
         example.question and example.question == example.question.strip() for example in examples
     )
-    assert all(math.isfinite(example.answer) for example in examples)
+    numeric = [example for example in examples if example.answer_type == "number"]
+    assert all(math.isfinite(example.answer) for example in numeric)
+    if name not in ("aqua", "math500"):
+        assert len(numeric) == len(examples)
     assert all(example.source == f"{path}:{index}" for index, example in enumerate(examples))
     if name in TRAINABLE:
         assert all(
@@ -523,8 +528,12 @@ def test_answer_not_a_number(tmp_path, answer):
     assert "not a number" in message
 
 
-def test_aqua_letter_answers_rejected(data_dir):
-    message = _error_message(data_dir / "aqua" / "test.json")
+def test_letter_answer_without_choices_rejected(tmp_path):
+    # A letter is a valid gold answer only for a question that lists its answer choices.
+    path = _write_json(
+        tmp_path / "test.json", [{"instruction": "How many?", "input": "", "answer": "A"}]
+    )
+    message = _error_message(path)
     assert "row 0" in message
     assert "'answer'" in message
     assert "'A'" in message
@@ -780,3 +789,32 @@ def test_non_utf8_file_named(tmp_path):
 def test_missing_nested_json_path_is_not_a_hub_id(tmp_path):
     with pytest.raises(DataError, match="is not a dataset name"):
         load_examples("d/nonexistent.json")
+
+
+def test_aqua_loads_letter_answers(data_dir):
+    examples = load_examples("aqua")
+    assert len(examples) == 254
+    assert all(example.answer_type == "choice" for example in examples)
+    assert {example.answer for example in examples} <= set("ABCDE")
+    assert "Answer Choices" in examples[0].question
+
+
+def test_math500_loads_latex_answers(data_dir):
+    examples = load_examples("math500")
+    assert len(examples) == 500
+    assert all(example.answer_type == "latex" for example in examples)
+    assert examples[0].answer == "\\left( 3, \\frac{\\pi}{2} \\right)"
+    assert examples[0].id == "test/precalculus/807.json"
+
+
+@pytest.mark.parametrize("name", ["aqua", "math500"])
+def test_test_only_sets_refuse_training(data_dir, name):
+    with pytest.raises(DataError, match="gsm8k or mawps"):
+        load_examples(name, "test", for_training=True)
+
+
+def test_math500_file_refuses_training(data_dir, tmp_path):
+    path = tmp_path / "math.jsonl"
+    path.write_text(json.dumps({"problem": "What is 1+1?", "answer": "2"}) + "\n")
+    with pytest.raises(DataError, match="MATH500 is a test set"):
+        load_examples(str(path), for_training=True)

@@ -463,3 +463,19 @@ def test_prompt_longer_than_context_rejected(smollm2_tokenizer):
     settings = ev.GenerationConfig(max_new_tokens=8)
     with pytest.raises(ValueError, match="exceeds the model's context of 64 tokens"):
         ev.generate(model, smollm2_tokenizer, ["word " * 80], settings)
+
+
+def test_score_dispatches_on_answer_type(data_dir):
+    aqua = load_examples("aqua", limit=1)[0]
+    assert ev._score(aqua, f"The answer is ({aqua.answer}).", 3)["correct"]
+    wrong = "B" if aqua.answer != "B" else "C"
+    assert not ev._score(aqua, f"The answer is ({wrong}).", 3)["correct"]
+    math = load_examples("math500", limit=1)[0]
+    assert ev._score(math, "So $r = 3$ and the point is \\boxed{(3, \\frac{\\pi}{2})}.", 3)[
+        "correct"
+    ]
+    assert not ev._score(math, "\\boxed{(3, \\pi)}", 3)["correct"]
+    numeric = load_examples("svamp", limit=1)[0]
+    record = ev._score(numeric, f"The answer is {numeric.answer}.", 3)
+    assert record["correct"]
+    assert record["extracted"] == numeric.answer
