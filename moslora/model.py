@@ -29,7 +29,7 @@ from moslora.routing import SharedRouting
 logger = logging.getLogger(__name__)
 
 # Parameter containers saved for each adapter, as ``<module path>.<container>``.
-_SAVED = ("moslora_A", "moslora_B", "moslora_curvature", "moslora_log_scale", "moslora_router")
+_SAVED = MoSLoraLinear.adapter_layer_names
 
 
 class MoSLoraWarning(UserWarning):
