@@ -1,8 +1,8 @@
 """Speed and memory of MoSLoRA against PEFT's LoRA and the frozen base model.
 
 Every comparison runs in one process on the same model, batch and sequence length, with the
-variants interleaved (A B C A B C ...), and reports medians and the median of per-round ratios,
-which cancels most of the drift of a shared machine.
+variants interleaved (A B C A B C ...). The script reports medians and the median of per-round
+ratios, which cancels most of the drift of a shared machine.
 
     python benchmarks/speed.py --model small            # a 4-layer Llama built from a config
     python benchmarks/speed.py --model smollm2 --rounds 5
@@ -69,7 +69,8 @@ def _randomise(model: nn.Module) -> None:
 
 
 def build_variant(name: str, model_name: str, rank: int) -> nn.Module:
-    """One model per variant. Names: base, lora, moslora-third, moslora-full, ..."""
+    """Build one model per variant: base, lora, moslora-third or moslora-full, with an optional
+    suffix :fast, :shared or :compile on the moslora ones."""
     base = build_base(model_name)
     for parameter in base.parameters():
         parameter.requires_grad_(False)

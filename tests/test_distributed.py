@@ -28,7 +28,7 @@ def _train_flags(model_dir, output, batch_size):
         "--batch-size", str(batch_size), "--max-steps", "4", "--logging-steps", "1",
         "--lora-dropout", "0", "--lr", "0.01", "--no-progress", "--output", str(output),
         # The Switch aux loss is a product of two batch means, so each process's value on its
-        # half batch differs from the value on the whole batch; without it the runs are equal.
+        # half batch differs from the value on the whole batch. Without it the runs are equal.
         "--router-aux-loss-coef", "0",
     ]  # fmt: skip
 
@@ -56,7 +56,7 @@ def test_ddp_two_processes_match_one_process(tiny_model_dir, tmp_path, data_dir)
     ]  # fmt: skip
     result = subprocess.run(launch, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    # Each process holds 2 examples of a global batch of 4: the same batches as one process.
+    # Each process gets 2 examples of a global batch of 4, so the batches equal one process's.
     single_losses, ddp_losses = _losses(single), _losses(ddp)
     assert len(ddp_losses) == 4
     torch.testing.assert_close(

@@ -177,7 +177,8 @@ def test_route_topk_keeps_k_experts():
     out = route(logits, mode="topk", top_k=2)
     assert ((out.weights > 0).sum(-1) == 2).all()
     torch.testing.assert_close(out.weights.sum(-1), torch.ones(2))
-    assert out.weights[0, 2] == 0 and out.weights[1, 0] == 0
+    assert out.weights[0, 2] == 0
+    assert out.weights[1, 0] == 0
 
 
 def test_route_aux_loss_extremes():

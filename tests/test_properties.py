@@ -98,7 +98,7 @@ def test_curvature_inside_bounds(raw, bound):
     with torch.no_grad():
         layer.moslora_curvature["default"].fill_(raw)
     k = layer.curvature().detach()
-    # The bound holds in float32, the precision the curvature is computed in.
+    # The bound applies in float32, the precision the curvature is computed in.
     bound = float(torch.tensor(bound, dtype=torch.float32))
     assert -bound <= float(k[0]) <= 0
     assert 0 <= float(k[1]) <= bound
