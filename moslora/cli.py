@@ -22,13 +22,9 @@ from typing import Any
 
 import yaml
 
-from moslora.config import MoSLoraConfig
+from moslora.config import MoSLoraConfig, field_help
 
 logger = logging.getLogger("moslora")
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 @dataclass
@@ -36,35 +32,39 @@ class EvalConfig:
     """Settings of one evaluation (every field is also a `moslora eval` flag)."""
 
     output: str | None = field(
-        default=None, metadata=_help("Folder for summary.json and predictions.jsonl.")
+        default=None, metadata=field_help("Folder for summary.json and predictions.jsonl.")
     )
     model: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=field_help(
             "Base model: local folder or Hub id; default the adapter's base, else SmolLM2."
         ),
     )
     adapter: str | None = field(
         default=None,
-        metadata=_help("Adapter folder written by `moslora train`; none = base model."),
+        metadata=field_help("Adapter folder written by `moslora train`; none = base model."),
     )
-    data: str = field(default="mawps", metadata=_help("Test data: a dataset name, file or folder."))
-    split: str = field(default="test", metadata=_help("Split of --data to evaluate."))
+    data: str = field(
+        default="mawps", metadata=field_help("Test data: a dataset name, file or folder.")
+    )
+    split: str = field(default="test", metadata=field_help("Split of --data to evaluate."))
     data_dir: str | None = field(
-        default=None, metadata=_help("Folder of the named datasets; default $MOSLORA_DATA.")
+        default=None, metadata=field_help("Folder of the named datasets; default $MOSLORA_DATA.")
     )
-    limit: int | None = field(default=None, metadata=_help("Evaluate only the first N problems."))
+    limit: int | None = field(
+        default=None, metadata=field_help("Evaluate only the first N problems.")
+    )
     exclude: list[str] = field(
         default_factory=list,
-        metadata=_help(
+        metadata=field_help(
             "Drop test problems whose question also occurs in these sets, given as NAME:SPLIT "
             "(for example mawps:train); the summary reports how many were dropped."
         ),
     )
     dtype: str = field(
-        default="float32", metadata=_help("Model dtype: float32, bfloat16, float16.")
+        default="float32", metadata=field_help("Model dtype: float32, bfloat16, float16.")
     )
-    progress: bool = field(default=True, metadata=_help("Show a progress bar."))
+    progress: bool = field(default=True, metadata=field_help("Show a progress bar."))
 
 
 # ---- dataclass fields as flags --------------------------------------------------------------
@@ -77,7 +77,7 @@ def _flag(name: str) -> str:
 
 
 def _base_type(annotation: Any) -> tuple[Any, bool]:
-    """The non-None type of an annotation, and whether None is allowed."""
+    """Return the non-None type of an annotation, and whether None is allowed."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         members = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -175,7 +175,7 @@ def _coerce(name: str, value: Any, classes: tuple[type, ...], path: str) -> Any:
     """Convert a recipe value to its field's type, as the flag of the same name would.
 
     YAML reads ``3e-4`` as a string and ``a,b`` as one string, so numbers and comma-separated
-    lists given as strings are converted; anything else of the wrong type is an error.
+    lists given as strings are converted. Any other value of the wrong type is an error.
     """
     kind, optional = _base_type(_field_type(name, classes))
     if value is None and optional:

@@ -25,7 +25,8 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 DEFAULT_ROUTER_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def _help(text: str) -> dict[str, str]:
+def field_help(text: str) -> dict[str, str]:
+    """Dataclass field metadata carrying the help text that the CLI shows for the flag."""
     return {"help": text}
 
 
@@ -40,7 +41,7 @@ class MoSLoraConfig:
 
     target_modules: list[str] | str = field(
         default_factory=lambda: list(DEFAULT_TARGET_MODULES),
-        metadata=_help(
+        metadata=field_help(
             "Modules to adapt: a list of names, each matching the last part(s) of a module path "
             "('q_proj' matches 'model.layers.0.self_attn.q_proj'), or one regular expression "
             "matched against the whole path. Only torch.nn.Linear modules can be adapted."
@@ -48,86 +49,93 @@ class MoSLoraConfig:
     )
     experts: list[str] = field(
         default_factory=lambda: ["euclidean", "hyperbolic", "spherical"],
-        metadata=_help(
+        metadata=field_help(
             "Kind of each expert, repeated for several of a kind: "
             f"any of {', '.join(EXPERT_KINDS)}. 'free' has a learnable curvature of either sign."
         ),
     )
-    r: int = field(default=8, metadata=_help("Rank of each expert."))
+    r: int = field(default=8, metadata=field_help("Rank of each expert."))
     lora_alpha: float = field(
-        default=16.0, metadata=_help("Scaling numerator: updates are scaled by lora_alpha / r.")
+        default=16.0,
+        metadata=field_help("Scaling numerator: updates are scaled by lora_alpha / r."),
     )
     lora_dropout: float = field(
-        default=0.05, metadata=_help("Dropout probability on the adapter's input, in [0, 1).")
+        default=0.05, metadata=field_help("Dropout probability on the adapter's input, in [0, 1).")
     )
     init_curvature: dict[str, float] = field(
         default_factory=lambda: {"hyperbolic": -0.5, "spherical": 0.5, "free": 0.0},
-        metadata=_help(
+        metadata=field_help(
             "Initial curvature per expert kind. Hyperbolic values must be negative, spherical "
             "positive, and every magnitude below max_curvature."
         ),
     )
     max_curvature: float = field(
         default=2.0,
-        metadata=_help("Bound on the magnitude of every learned curvature: |k| <= max_curvature."),
+        metadata=field_help(
+            "Bound on the magnitude of every learned curvature: |k| <= max_curvature."
+        ),
     )
     learn_curvature: bool = field(
-        default=True, metadata=_help("Train the curvatures (otherwise they stay at their init).")
+        default=True,
+        metadata=field_help("Train the curvatures (otherwise they stay at their init)."),
     )
     learn_input_scale: bool = field(
         default=True,
-        metadata=_help(
+        metadata=field_help(
             "Train the input scale s, which divides the input before it enters a curved space."
         ),
     )
     input_scale: float | None = field(
         default=None,
-        metadata=_help(
+        metadata=field_help(
             "Initial input scale s. None uses sqrt(in_features); `calibrate_input_scale` sets it "
             "to the median input norm seen on real data."
         ),
     )
     router: str = field(
         default="dense",
-        metadata=_help("'dense' mixes all experts with softmax weights; 'topk' keeps top_k."),
+        metadata=field_help("'dense' mixes all experts with softmax weights; 'topk' keeps top_k."),
     )
-    top_k: int = field(default=1, metadata=_help("Experts kept per token when router is 'topk'."))
+    top_k: int = field(
+        default=1, metadata=field_help("Experts kept per token when router is 'topk'.")
+    )
     share_router: bool = field(
         default=False,
-        metadata=_help(
+        metadata=field_help(
             "Let the adapted modules of one router group (modules with the same parent that read "
             "the same input) share one router and evaluate it once per forward pass."
         ),
     )
     router_groups: list[list[str]] = field(
         default_factory=lambda: [list(group) for group in DEFAULT_ROUTER_GROUPS],
-        metadata=_help(
+        metadata=field_help(
             "Module names that read the same input, per group, used by share_router. The "
             "default fits Llama-style blocks: q_proj, k_proj, v_proj and gate_proj, up_proj."
         ),
     )
     router_aux_loss_coef: float = field(
         default=0.01,
-        metadata=_help(
+        metadata=field_help(
             "Coefficient of the load-balancing loss E * sum_e f_e * P_e added to the training loss."
         ),
     )
     transition: str = field(
         default="exact",
-        metadata=_help(
+        metadata=field_help(
             "How inputs move into and out of the curved spaces: 'exact' uses tan/artan maps, "
             "'fast' the rational stereographic maps (no transcendental functions)."
         ),
     )
     compile: bool = field(
         default=False,
-        metadata=_help(
+        metadata=field_help(
             "Compile the per-token gain computation with torch.compile, fusing its elementwise "
             "operations into one kernel. The first forward pass compiles; CPUs need a C++ compiler."
         ),
     )
     base_model_name_or_path: str | None = field(
-        default=None, metadata=_help("Base model the adapter was made for (recorded, not used).")
+        default=None,
+        metadata=field_help("Base model the adapter was made for (recorded, not used)."),
     )
 
     def __post_init__(self) -> None:
@@ -277,7 +285,7 @@ class MoSLoraConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(
-                f"{path} not found: an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}, "
+                f"{path} not found: an adapter folder contains {CONFIG_NAME} and {WEIGHTS_NAME}, "
                 "as written by save_pretrained"
             )
         try:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from moslora.answers import extract_answer, is_correct
+from moslora.config import field_help
 from moslora.data import Example, build_prompt
 from moslora.files import write_json_atomic, write_text_atomic
 from moslora.math_answers import (
@@ -57,29 +58,26 @@ _SUMMARY_KEYS = (
 )
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass
 class GenerationConfig:
     """Settings of batched generation. Decoding is greedy (no sampling)."""
 
     max_new_tokens: int = field(
-        default=256, metadata=_help("Maximum number of tokens generated per problem.")
+        default=256, metadata=field_help("Maximum number of tokens generated per problem.")
     )
     batch_size: int = field(
-        default=16, metadata=_help("Number of prompts generated together in one batch.")
+        default=16, metadata=field_help("Number of prompts generated together in one batch.")
     )
     stop_strings: tuple[str, ...] = field(
         default=DEFAULT_STOP_STRINGS,
-        metadata=_help(
+        metadata=field_help(
             "Strings that end a generation. Generation stops once one appears, and the text is "
             "cut before the first of them. An empty list disables them."
         ),
     )
     num_beams: int = field(
-        default=1, metadata=_help("Number of beams: 1 is greedy decoding, more is beam search.")
+        default=1,
+        metadata=field_help("Number of beams: 1 is greedy decoding, more is beam search."),
     )
 
     def __post_init__(self) -> None:

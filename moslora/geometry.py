@@ -250,7 +250,7 @@ def expert_gains(
     """Per-token scalars ``c_e`` with ``Delta_e(x) = c_e * B_e A_e x``, shape (N, E).
 
     ``Delta_e(x) = s * logmap0_k(project_k(B_e A_e expmap0_k(x / s)))`` and all three maps are
-    radial, so ``c_e`` is the product of their factors. ``k`` holds the E curvatures,
+    radial, so ``c_e`` is the product of their factors. ``k`` contains the E curvatures,
     ``input_sq`` (N, 1) is ``|x / s|^2`` and ``output_sq`` (N, E) is ``|B_e A_e x / s|^2``.
     ``fast`` selects the rational factors instead of tan/artan.
     """

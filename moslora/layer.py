@@ -153,7 +153,7 @@ class MoSLoraLinear(nn.Module):
         return result + update.to(result.dtype)
 
     def _update(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """The scaled, routed sum of expert updates, in float32, shape (..., out_features)."""
+        """Compute the scaled, routed sum of expert updates: float32, shape (..., out_features)."""
         config = self.adapter_configs[name]
         experts, rank = config.num_experts, config.r
         leading = x.shape[:-1]
@@ -201,7 +201,7 @@ class MoSLoraLinear(nn.Module):
         return gains(k, input_sq, output_sq, fast=config.transition == "fast")
 
     def reference_update(self, x: torch.Tensor, name: str | None = None) -> torch.Tensor:
-        """The update computed expert by expert through the geometry maps (slow; for tests).
+        """Compute the update expert by expert through the geometry maps, slowly, for tests.
 
         Same result as the fused forward pass, without dropout, in float32.
         """

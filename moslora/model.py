@@ -404,7 +404,7 @@ class MoSLoraModel(nn.Module):
         path = Path(adapter_path) / WEIGHTS_NAME
         if not path.is_file():
             raise FileNotFoundError(
-                f"{path} not found: an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+                f"{path} not found: an adapter folder contains {CONFIG_NAME} and {WEIGHTS_NAME}"
             )
         try:
             saved = load_file(str(path))

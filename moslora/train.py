@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 import moslora
-from moslora.config import CONFIG_NAME, WEIGHTS_NAME, MoSLoraConfig
+from moslora.config import CONFIG_NAME, WEIGHTS_NAME, MoSLoraConfig, field_help
 from moslora.files import write_json_atomic
 from moslora.model import MoSLoraModel, get_moslora_model
 
@@ -31,82 +31,90 @@ CHECKPOINTS = "checkpoints"
 CHECKPOINT_COMPLETE = "moslora-checkpoint-complete"
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass
 class TrainConfig:
     """Settings of one fine-tuning run (every field is also a `moslora train` flag)."""
 
     output: str | None = field(
-        default=None, metadata=_help("Run folder: adapter, run configuration, checkpoints.")
+        default=None, metadata=field_help("Run folder: adapter, run configuration, checkpoints.")
     )
     model: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=field_help(
             "Base model: a local Hugging Face folder or Hub id; default SmolLM2-135M-Instruct."
         ),
     )
     data: str = field(
         default="mawps",
-        metadata=_help("Training data: gsm8k, mawps, a .json/.jsonl file or a folder of splits."),
+        metadata=field_help(
+            "Training data: gsm8k, mawps, a .json/.jsonl file or a folder of splits."
+        ),
     )
-    split: str = field(default="train", metadata=_help("Split of --data to train on."))
+    split: str = field(default="train", metadata=field_help("Split of --data to train on."))
     data_dir: str | None = field(
-        default=None, metadata=_help("Folder of the named datasets; default $MOSLORA_DATA.")
+        default=None, metadata=field_help("Folder of the named datasets; default $MOSLORA_DATA.")
     )
     limit: int | None = field(
-        default=None, metadata=_help("Use only the first N training examples.")
+        default=None, metadata=field_help("Use only the first N training examples.")
     )
     max_length: int = field(
-        default=256, metadata=_help("Maximum tokens per example (prompt plus response).")
+        default=256, metadata=field_help("Maximum tokens per example (prompt plus response).")
     )
-    epochs: float = field(default=1.0, metadata=_help("Passes over the training data."))
+    epochs: float = field(default=1.0, metadata=field_help("Passes over the training data."))
     max_steps: int = field(
-        default=-1, metadata=_help("Stop after this many optimizer steps (overrides --epochs).")
+        default=-1,
+        metadata=field_help("Stop after this many optimizer steps (overrides --epochs)."),
     )
-    batch_size: int = field(default=8, metadata=_help("Examples per device per forward pass."))
+    batch_size: int = field(default=8, metadata=field_help("Examples per device per forward pass."))
     gradient_accumulation: int = field(
-        default=1, metadata=_help("Forward passes accumulated per optimizer step.")
+        default=1, metadata=field_help("Forward passes accumulated per optimizer step.")
     )
-    lr: float = field(default=3e-4, metadata=_help("Peak learning rate of A, B and the router."))
+    lr: float = field(
+        default=3e-4, metadata=field_help("Peak learning rate of A, B and the router.")
+    )
     curvature_lr: float = field(
         default=1e-2,
-        metadata=_help("Peak learning rate of the curvature and input-scale parameters."),
+        metadata=field_help("Peak learning rate of the curvature and input-scale parameters."),
     )
     weight_decay: float = field(
-        default=0.0, metadata=_help("AdamW weight decay of A, B and the router weights.")
+        default=0.0, metadata=field_help("AdamW weight decay of A, B and the router weights.")
     )
     warmup_ratio: float = field(
-        default=0.05, metadata=_help("Fraction of steps with a linear learning-rate warm-up.")
+        default=0.05, metadata=field_help("Fraction of steps with a linear learning-rate warm-up.")
     )
-    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm; 0 is off."))
-    dtype: str = field(default="float32", metadata=_help("Model dtype: float32 or bfloat16."))
-    seed: int = field(default=42, metadata=_help("Seed of adapter init, data order and dropout."))
-    logging_steps: int = field(default=10, metadata=_help("Log every N optimizer steps."))
-    save_steps: int = field(default=50, metadata=_help("Checkpoint every N optimizer steps."))
+    max_grad_norm: float = field(
+        default=1.0, metadata=field_help("Gradient clipping norm; 0 is off.")
+    )
+    dtype: str = field(default="float32", metadata=field_help("Model dtype: float32 or bfloat16."))
+    seed: int = field(
+        default=42, metadata=field_help("Seed of adapter init, data order and dropout.")
+    )
+    logging_steps: int = field(default=10, metadata=field_help("Log every N optimizer steps."))
+    save_steps: int = field(default=50, metadata=field_help("Checkpoint every N optimizer steps."))
     save_total_limit: int = field(
         default=2,
-        metadata=_help(
+        metadata=field_help(
             "Checkpoints kept in the run folder, at least 2, so that a save cut short by a kill "
             "always leaves an earlier complete one."
         ),
     )
     resume: bool = field(
-        default=False, metadata=_help("Continue from the last checkpoint in --output.")
+        default=False, metadata=field_help("Continue from the last checkpoint in --output.")
     )
     overwrite: bool = field(
-        default=False, metadata=_help("Replace a finished adapter already in --output.")
+        default=False, metadata=field_help("Replace a finished adapter already in --output.")
     )
     calibrate: bool = field(
         default=True,
-        metadata=_help("Set each layer's input scale to the median input norm of a first batch."),
+        metadata=field_help(
+            "Set each layer's input scale to the median input norm of a first batch."
+        ),
     )
     gradient_checkpointing: bool = field(
-        default=False, metadata=_help("Recompute activations in the backward pass to save memory.")
+        default=False,
+        metadata=field_help("Recompute activations in the backward pass to save memory."),
     )
-    progress: bool = field(default=True, metadata=_help("Show a progress bar."))
+    progress: bool = field(default=True, metadata=field_help("Show a progress bar."))
 
     def validate(self) -> None:
         if not self.output:
@@ -266,7 +274,9 @@ class MoSLoraTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         adapter_model = self._adapter_model()
         if not (Path(resume_from_checkpoint) / CONFIG_NAME).is_file():
-            raise ValueError(f"{resume_from_checkpoint} holds no adapter ({CONFIG_NAME} missing)")
+            raise ValueError(
+                f"{resume_from_checkpoint} contains no adapter ({CONFIG_NAME} is missing)"
+            )
         adapter_model._load_weights(resume_from_checkpoint, adapter_model.active_adapter)
         logger.info("resumed adapter weights from %s", resume_from_checkpoint)
 
@@ -405,12 +415,12 @@ def _check_output(output: Path, config: TrainConfig, adapter_config: MoSLoraConf
         return None
     if (output / CONFIG_NAME).is_file():
         raise FileExistsError(
-            f"{output} already holds a trained adapter; pass --overwrite to replace it, "
+            f"{output} already contains a trained adapter; pass --overwrite to replace it, "
             "--resume to continue its run, or choose another --output"
         )
     if last_complete_checkpoint(output / CHECKPOINTS) is not None:
         raise FileExistsError(
-            f"{output} holds checkpoints of an unfinished run; pass --resume to continue it, "
+            f"{output} contains checkpoints of an unfinished run; pass --resume to continue it, "
             "--overwrite to start again, or choose another --output"
         )
     return None
@@ -432,7 +442,7 @@ def _model_reference(model: str | None) -> str | None:
 
 
 def last_complete_checkpoint(folder: Path) -> str | None:
-    """The checkpoint of the highest step whose saving finished, or None."""
+    """Return the checkpoint of the highest step whose saving finished, or None."""
     if not folder.is_dir():
         return None
     steps = []
