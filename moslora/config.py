@@ -14,12 +14,13 @@ from moslora.files import write_json_atomic
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
-EXPERT_KINDS = ("euclidean", "hyperbolic", "spherical", "free")
+EXPERT_KINDS = ("euclidean", "hyperbolic", "spherical", "free", "lorentz")
 ROUTERS = ("dense", "topk")
 TRANSITIONS = ("exact", "fast")
 
 # The sign a kind's curvature is held to: -1, 0 or +1, or None when it may change sign.
-KIND_SIGN = {"euclidean": 0, "hyperbolic": -1, "spherical": 1, "free": None}
+KIND_SIGN = {"euclidean": 0, "hyperbolic": -1, "spherical": 1, "free": None, "lorentz": -1}
+DEFAULT_INIT_CURVATURE = {"hyperbolic": -0.5, "spherical": 0.5, "free": 0.0, "lorentz": -0.5}
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 DEFAULT_ROUTER_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -51,7 +52,9 @@ class MoSLoraConfig:
         default_factory=lambda: ["euclidean", "hyperbolic", "spherical"],
         metadata=field_help(
             "Kind of each expert, repeated for several of a kind: "
-            f"any of {', '.join(EXPERT_KINDS)}. 'free' has a learnable curvature of either sign."
+            f"any of {', '.join(EXPERT_KINDS)}. 'free' has a learnable curvature of either sign. "
+            "'lorentz' is hyperbolic in the Lorentz model: its low-rank map acts on the "
+            "hyperboloid's space coordinates instead of the Poincare ball."
         ),
     )
     r: int = field(default=8, metadata=field_help("Rank of each expert."))
@@ -63,10 +66,10 @@ class MoSLoraConfig:
         default=0.05, metadata=field_help("Dropout probability on the adapter's input, in [0, 1).")
     )
     init_curvature: dict[str, float] = field(
-        default_factory=lambda: {"hyperbolic": -0.5, "spherical": 0.5, "free": 0.0},
+        default_factory=lambda: dict(DEFAULT_INIT_CURVATURE),
         metadata=field_help(
-            "Initial curvature per expert kind. Hyperbolic values must be negative, spherical "
-            "positive, and every magnitude below max_curvature."
+            "Initial curvature per expert kind. Hyperbolic and Lorentz values must be negative, "
+            "spherical positive, and every magnitude below max_curvature."
         ),
     )
     max_curvature: float = field(
@@ -147,10 +150,7 @@ class MoSLoraConfig:
                 list(group) if isinstance(group, (list, tuple)) else group
                 for group in self.router_groups
             ]
-        self.init_curvature = {
-            **{"hyperbolic": -0.5, "spherical": 0.5, "free": 0.0},
-            **dict(self.init_curvature),
-        }
+        self.init_curvature = {**DEFAULT_INIT_CURVATURE, **dict(self.init_curvature)}
         self.validate()
 
     def validate(self) -> None:
@@ -235,9 +235,9 @@ class MoSLoraConfig:
             raise ValueError(f"init_curvature[{kind!r}] must be a finite number, got {value!r}")
         sign = KIND_SIGN[kind]
         if sign == -1 and not value < 0:
-            raise ValueError(f"init_curvature['hyperbolic'] must be negative, got {value!r}")
+            raise ValueError(f"init_curvature[{kind!r}] must be negative, got {value!r}")
         if sign == 1 and not value > 0:
-            raise ValueError(f"init_curvature['spherical'] must be positive, got {value!r}")
+            raise ValueError(f"init_curvature[{kind!r}] must be positive, got {value!r}")
         if abs(value) >= self.max_curvature:
             raise ValueError(
                 f"init_curvature[{kind!r}] = {value!r} is outside the bound |k| < "

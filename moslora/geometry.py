@@ -33,13 +33,18 @@ __all__ = [
     "artan_gain",
     "expert_gains",
     "artan_k",
+    "arsinh_gain",
     "expmap0",
     "fast_exp_gain",
     "fast_log_gain",
     "from_hyperboloid",
     "from_sphere",
     "logmap0",
+    "lorentz_expmap0",
+    "lorentz_lift",
+    "lorentz_logmap0",
     "project",
+    "sinh_gain",
     "tan_gain",
     "tan_k",
     "to_hyperboloid",
@@ -58,6 +63,12 @@ SPHERE_MAX_ANGLE = math.pi / 2 - 0.05
 # there is below 1e-10, far under float32 rounding.
 _TAYLOR_Z = 1e-2
 
+# sinh overflows float32 near 89. Holding the Lorentz expmap's angle sqrt(-z) at this value keeps
+# every Lorentz gain finite (sinh(40) is about 1e17) for inputs far outside the useful range.
+LORENTZ_MAX_ANGLE = 40.0
+
+_LORENTZ_MAX_SQ = 1e30
+
 # The rational expmap has a square-root singularity in its derivative at z = 1/4.
 _FAST_MAX_Z = 0.25 - 1e-3
 
@@ -68,12 +79,20 @@ def _as_float32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == _FLOAT32 else x.to(_FLOAT32)
 
 
-def _taylor_switch(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split ``z`` into (use Taylor, safe positive z, safe negative z) for branch-free gains."""
+def _taylor_switch(
+    z: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split ``z`` into (use Taylor, small z, safe positive z, safe negative z).
+
+    Each branch gets an argument inside its own domain: the series gets 0 where ``z`` is not
+    small, so a huge ``z`` cannot overflow the unused polynomial and turn its zero gradient
+    into NaN.
+    """
     small = z.abs() < _TAYLOR_Z
+    zs = torch.where(small, z, torch.zeros_like(z))
     z_pos = torch.where(z > 0, z, torch.ones_like(z)).clamp_min(_TAYLOR_Z)
     z_neg = torch.where(z < 0, z, -torch.ones_like(z)).clamp_max(-_TAYLOR_Z)
-    return small, z_pos, z_neg
+    return small, zs, z_pos, z_neg
 
 
 def tan_gain(z: torch.Tensor) -> torch.Tensor:
@@ -84,13 +103,13 @@ def tan_gain(z: torch.Tensor) -> torch.Tensor:
     """
     z = _as_float32(z)
     z = z.clamp_max(SPHERE_MAX_ANGLE**2)
-    small, z_pos, z_neg = _taylor_switch(z)
+    small, zs, z_pos, z_neg = _taylor_switch(z)
     root_pos = z_pos.sqrt()
     root_neg = (-z_neg).sqrt()
     spherical = torch.tan(root_pos) / root_pos
     hyperbolic = torch.tanh(root_neg) / root_neg
     # tan(s)/s = 1 + z/3 + 2 z^2/15 + 17 z^3/315 + 62 z^4/2835 + ...
-    series = 1 + z * (1 / 3 + z * (2 / 15 + z * (17 / 315 + z * (62 / 2835))))
+    series = 1 + zs * (1 / 3 + zs * (2 / 15 + zs * (17 / 315 + zs * (62 / 2835))))
     return torch.where(small, series, torch.where(z > 0, spherical, hyperbolic))
 
 
@@ -104,13 +123,13 @@ def artan_gain(z: torch.Tensor) -> torch.Tensor:
     """
     z = _as_float32(z)
     z = z.clamp_min(-((1 - BALL_EPS) ** 2))
-    small, z_pos, z_neg = _taylor_switch(z)
+    small, zs, z_pos, z_neg = _taylor_switch(z)
     root_pos = z_pos.sqrt()
     root_neg = (-z_neg).sqrt()
     spherical = torch.atan(root_pos) / root_pos
     hyperbolic = torch.atanh(root_neg) / root_neg
     # atan(s)/s = 1 - z/3 + z^2/5 - z^3/7 + z^4/9 - ...
-    series = 1 + z * (-1 / 3 + z * (1 / 5 + z * (-1 / 7 + z * (1 / 9))))
+    series = 1 + zs * (-1 / 3 + zs * (1 / 5 + zs * (-1 / 7 + zs * (1 / 9))))
     return torch.where(small, series, torch.where(z > 0, spherical, hyperbolic))
 
 
@@ -135,6 +154,67 @@ def fast_log_gain(z: torch.Tensor) -> torch.Tensor:
     """
     z = _as_float32(z).clamp_min(-((1 - BALL_EPS) ** 2))
     return 1 / (1 + z)
+
+
+def sinh_gain(z: torch.Tensor) -> torch.Tensor:
+    """Radial factor of the Lorentz model's ``expmap0`` on its space coordinates.
+
+    With curvature ``k < 0`` and ``z = k |v|^2``, the space part of ``expmap0(v)`` on the
+    hyperboloid is ``sinh(sqrt(-z)) / sqrt(-z) * v``. Positive ``z`` is treated as 0 (the
+    Lorentz model has no positive curvature) and the angle ``sqrt(-z)`` is held at
+    ``LORENTZ_MAX_ANGLE``.
+    """
+    z = _as_float32(z).clamp(min=-(LORENTZ_MAX_ANGLE**2), max=0.0)
+    small, zs, _, z_neg = _taylor_switch(z)
+    root = (-z_neg).sqrt()
+    exact = torch.sinh(root) / root
+    # sinh(s)/s with s^2 = -z: 1 - z/6 + z^2/120 - z^3/5040 + z^4/362880 - ...
+    series = 1 + zs * (-1 / 6 + zs * (1 / 120 + zs * (-1 / 5040 + zs * (1 / 362880))))
+    return torch.where(small, series, exact)
+
+
+def arsinh_gain(z: torch.Tensor) -> torch.Tensor:
+    """Radial factor of the Lorentz model's ``logmap0``, read from the space coordinates.
+
+    A hyperboloid point with space part ``y`` has ``logmap0`` equal to
+    ``arsinh(sqrt(-z)) / sqrt(-z) * y`` with ``z = k |y|^2``. Every ``y`` in R^d is the space
+    part of exactly one point, so, unlike the ball's ``artan_gain``, no projection is needed.
+    Positive ``z`` is treated as 0.
+    """
+    z = _as_float32(z).clamp_max(0.0)
+    small, zs, _, z_neg = _taylor_switch(z)
+    root = (-z_neg).sqrt()
+    exact = torch.asinh(root) / root
+    # asinh(s)/s with s^2 = -z: 1 + z/6 + 3 z^2/40 + 5 z^3/112 + 35 z^4/1152 + ...
+    series = 1 + zs * (1 / 6 + zs * (3 / 40 + zs * (5 / 112 + zs * (35 / 1152))))
+    return torch.where(small, series, exact)
+
+
+def lorentz_expmap0(v: torch.Tensor, *, k: torch.Tensor | float, dim: int = -1) -> torch.Tensor:
+    """Map a tangent vector at the origin onto the hyperboloid ``<x, x>_L = 1 / k``, ``k < 0``.
+
+    Returns ``(time, space)`` concatenated along ``dim``: ``d + 1`` coordinates for ``d``.
+    """
+    v = _as_float32(v)
+    k = _check_sign(k, negative=True, name="lorentz_expmap0").to(v.device)
+    space = sinh_gain(k * _sq_norm(v, dim)) * v
+    return lorentz_lift(space, k=k, dim=dim)
+
+
+def lorentz_lift(space: torch.Tensor, *, k: torch.Tensor | float, dim: int = -1) -> torch.Tensor:
+    """Complete space coordinates to the hyperboloid point: ``time = sqrt(|space|^2 - 1 / k)``."""
+    space = _as_float32(space)
+    k = _check_sign(k, negative=True, name="lorentz_lift").to(space.device)
+    time = (_sq_norm(space, dim) - 1 / k).sqrt()
+    return torch.cat([time, space], dim=dim)
+
+
+def lorentz_logmap0(x: torch.Tensor, *, k: torch.Tensor | float, dim: int = -1) -> torch.Tensor:
+    """Inverse of ``lorentz_expmap0``: the tangent vector's ``d`` coordinates, time dropped."""
+    x = _as_float32(x)
+    k = _check_sign(k, negative=True, name="lorentz_logmap0").to(x.device)
+    space = x.narrow(dim, 1, x.shape[dim] - 1)
+    return arsinh_gain(k * _sq_norm(space, dim)) * space
 
 
 def _sq_norm(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -245,7 +325,12 @@ def from_sphere(x: torch.Tensor, *, k: torch.Tensor | float, dim: int = -1) -> t
 
 
 def expert_gains(
-    k: torch.Tensor, input_sq: torch.Tensor, output_sq: torch.Tensor, *, fast: bool = False
+    k: torch.Tensor,
+    input_sq: torch.Tensor,
+    output_sq: torch.Tensor,
+    *,
+    fast: bool = False,
+    lorentz: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token scalars ``c_e`` with ``Delta_e(x) = c_e * B_e A_e x``, shape (N, E).
 
@@ -253,10 +338,26 @@ def expert_gains(
     radial, so ``c_e`` is the product of their factors. ``k`` contains the E curvatures,
     ``input_sq`` (N, 1) is ``|x / s|^2`` and ``output_sq`` (N, E) is ``|B_e A_e x / s|^2``.
     ``fast`` selects the rational factors instead of tan/artan.
+
+    ``lorentz`` (E,) marks experts in the Lorentz model: their low-rank map acts on the
+    hyperboloid's space coordinates, ``c_e`` is the product of the sinh and arsinh factors, and
+    ``fast`` does not change them.
     """
+    if lorentz is not None and bool(lorentz.all()):
+        return _lorentz_gains(k, input_sq, output_sq)
     exp_gain, log_gain = (fast_exp_gain, fast_log_gain) if fast else (tan_gain, artan_gain)
     gain_in = exp_gain(k * input_sq)  # (N, E)
     mapped_sq = output_sq * gain_in.square()  # |B_e A_e expmap0(x / s)|^2
     gain_project = project_gain(mapped_sq, k)
     gain_out = log_gain(k * gain_project.square() * mapped_sq)
-    return gain_in * gain_project * gain_out
+    gains = gain_in * gain_project * gain_out
+    if lorentz is not None and bool(lorentz.any()):
+        gains = torch.where(lorentz, _lorentz_gains(k, input_sq, output_sq), gains)
+    return gains
+
+
+def _lorentz_gains(k: torch.Tensor, input_sq: torch.Tensor, output_sq: torch.Tensor):
+    gain_in = sinh_gain(k * input_sq)  # (N, E)
+    # |B_e A_e space(expmap0(x / s))|^2, held below float32's range for extreme inputs.
+    mapped_sq = (output_sq * gain_in.square()).clamp_max(_LORENTZ_MAX_SQ)
+    return gain_in * arsinh_gain(k * mapped_sq)

@@ -101,11 +101,12 @@ class MoSLoraLinear(nn.Module):
             torch.tensor(signs, dtype=torch.int8, device=device),
             persistent=False,
         )
-        self.register_buffer(
-            f"_kind_free_{name}",
-            torch.tensor([kind == "free" for kind in config.experts], device=device),
-            persistent=False,
-        )
+        for flag in ("free", "lorentz"):
+            self.register_buffer(
+                f"_kind_{flag}_{name}",
+                torch.tensor([kind == flag for kind in config.experts], device=device),
+                persistent=False,
+            )
         self.adapter_configs[name] = config
         if self.active_adapter is None:
             self.active_adapter = name
@@ -115,7 +116,7 @@ class MoSLoraLinear(nn.Module):
             holder = getattr(self, container)
             if name in holder:
                 del holder[name]
-        for buffer in (f"_kind_sign_{name}", f"_kind_free_{name}"):
+        for buffer in (f"_kind_sign_{name}", f"_kind_free_{name}", f"_kind_lorentz_{name}"):
             self._buffers.pop(buffer, None)
         self.adapter_configs.pop(name, None)
         self.shared_routing.pop(name, None)
@@ -198,7 +199,8 @@ class MoSLoraLinear(nn.Module):
         h_gram = torch.einsum("nei,eij->nej", h, gram)  # (N, E, r)
         output_sq = (h_gram * h).sum(-1).clamp_min(0) * inv_scale_sq  # (N, E)
         gains = _compiled_expert_gains() if config.compile else geometry.expert_gains
-        return gains(k, input_sq, output_sq, fast=config.transition == "fast")
+        lorentz = getattr(self, f"_kind_lorentz_{name}") if "lorentz" in config.experts else None
+        return gains(k, input_sq, output_sq, fast=config.transition == "fast", lorentz=lorentz)
 
     def reference_update(self, x: torch.Tensor, name: str | None = None) -> torch.Tensor:
         """Compute the update expert by expert through the geometry maps, slowly, for tests.
@@ -211,7 +213,7 @@ class MoSLoraLinear(nn.Module):
         x32 = x.reshape(-1, self.in_features).float()
         k = self.curvature(name)
         scale = self.input_scale(name)
-        if config.transition == "fast":
+        if config.transition == "fast" and not all(kind == "lorentz" for kind in config.experts):
             raise NotImplementedError("reference_update covers the exact transition only")
         weights = None
         if config.num_experts > 1:
@@ -221,9 +223,16 @@ class MoSLoraLinear(nn.Module):
         for e in range(config.num_experts):
             a_e = self.moslora_A[name][e * rank : (e + 1) * rank].float()
             b_e = self.moslora_B[name][:, e * rank : (e + 1) * rank].float()
-            y = geometry.expmap0(x32 / scale, k=k[e])
-            w = geometry.project(y @ a_e.t() @ b_e.t(), k=k[e])
-            delta = scale * geometry.logmap0(w, k=k[e])
+            if config.experts[e] == "lorentz":
+                # The low-rank map acts on the space coordinates of the hyperboloid point.
+                point = geometry.lorentz_expmap0(x32 / scale, k=k[e])
+                space = point[:, 1:] @ a_e.t() @ b_e.t()
+                mapped = geometry.lorentz_lift(space, k=k[e])
+                delta = scale * geometry.lorentz_logmap0(mapped, k=k[e])
+            else:
+                y = geometry.expmap0(x32 / scale, k=k[e])
+                w = geometry.project(y @ a_e.t() @ b_e.t(), k=k[e])
+                delta = scale * geometry.logmap0(w, k=k[e])
             if weights is not None:
                 delta = delta * weights[:, e : e + 1]
             total = total + config.scaling * delta
