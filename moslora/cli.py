@@ -1,4 +1,4 @@
-"""The `moslora` command line: train, eval and quickstart.
+"""The `moslora` command line: train, eval, quickstart, plot and inspect.
 
 Flags are derived from the settings dataclasses (`TrainConfig`, `MoSLoraConfig`, `EvalConfig`,
 `GenerationConfig`), so each flag's help text is the field's. `--config FILE.yaml` reads a
@@ -245,11 +245,15 @@ def _parse_curvatures(text: str) -> dict[str, float]:
 
 
 def _command_train(args: argparse.Namespace) -> int:
+    from moslora.methods import adapter_config_for
     from moslora.train import TrainConfig, train
 
     train_values, adapter_values = _settings(args, TrainConfig, MoSLoraConfig)
     train_config = TrainConfig(**train_values)
-    adapter_config = MoSLoraConfig(**adapter_values)
+    train_config.validate()
+    adapter_config = adapter_config_for(
+        train_config.method, adapter_values, total_rank=train_config.total_rank
+    )
     record = train(train_config, adapter_config)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"output": train_config.output, **record["metrics"]}, indent=2))
@@ -258,11 +262,11 @@ def _command_train(args: argparse.Namespace) -> int:
 
 def _load_for_eval(config: EvalConfig):
     from moslora.hub import load_model_and_tokenizer
-    from moslora.model import MoSLoraModel
+    from moslora.methods import load_trained_adapter, read_adapter_config
 
     model_name = config.model
     if config.adapter is not None and model_name is None:
-        model_name = MoSLoraConfig.load(config.adapter).base_model_name_or_path
+        model_name = read_adapter_config(config.adapter).base_model_name_or_path
         try:
             model, tokenizer = load_model_and_tokenizer(model_name, dtype=config.dtype)
         except OSError as error:
@@ -273,7 +277,7 @@ def _load_for_eval(config: EvalConfig):
     else:
         model, tokenizer = load_model_and_tokenizer(model_name, dtype=config.dtype)
     if config.adapter is not None:
-        model = MoSLoraModel.from_pretrained(model, config.adapter)
+        model = load_trained_adapter(model, config.adapter)
     return model, tokenizer, model_name
 
 
@@ -393,6 +397,21 @@ def _command_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_plot(args: argparse.Namespace) -> int:
+    from moslora.plot import plot_run
+
+    for path in plot_run(args.run_dir, args.output):
+        print(path)
+    return 0
+
+
+def _command_inspect(args: argparse.Namespace) -> int:
+    from moslora.diagnostics import inspect_adapter
+
+    print(inspect_adapter(args.adapter_dir, args.format))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from moslora.evaluate import GenerationConfig
     from moslora.train import TrainConfig
@@ -441,6 +460,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-batch-size", type=int, default=25, help="Problems generated together."
     )
     quick.set_defaults(handler=_command_quickstart)
+
+    plot = commands.add_parser(
+        "plot", help="Draw curvature, expert-usage and loss figures of a training run as PNGs."
+    )
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="Run folder written by `moslora train`.")
+    plot.add_argument(
+        "--output",
+        metavar="DIR",
+        default=None,
+        help="Folder for the PNGs; default RUN_DIR/figures.",
+    )
+    plot.set_defaults(handler=_command_plot)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="Print each expert's kind, curvature and router weight of a saved adapter.",
+    )
+    inspect.add_argument(
+        "adapter_dir", metavar="ADAPTER_DIR", help="Adapter folder written by `moslora train`."
+    )
+    inspect.add_argument(
+        "--format", choices=("table", "json"), default="table", help="Output: a text table or JSON."
+    )
+    inspect.set_defaults(handler=_command_inspect)
     return parser
 
 
@@ -455,6 +498,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.handler(args)
+    except BrokenPipeError:
+        # The reader of stdout (for example `head`) closed it early: stop quietly, as Unix tools
+        # do, and keep Python from reporting the failed flush at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as error:
         print(f"moslora {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
+import resource
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,14 +20,28 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 import moslora
-from moslora.config import CONFIG_NAME, WEIGHTS_NAME, MoSLoraConfig, field_help
+from moslora.config import CONFIG_NAME, WEIGHTS_NAME, field_help
 from moslora.files import write_json_atomic
-from moslora.model import MoSLoraModel, get_moslora_model
+from moslora.methods import (
+    adapter_config_for,
+    adapter_settings,
+    attach_adapter,
+    check_method,
+    is_peft_config,
+    method_of,
+    read_adapter_config,
+    summed_rank,
+)
+from moslora.model import MoSLoraModel
 
 logger = logging.getLogger(__name__)
 
 RUN_CONFIG_NAME = "run_config.json"
 CHECKPOINTS = "checkpoints"
+# Written by the diagnostics callback and `moslora plot`; removed with the run on --overwrite.
+DIAGNOSTICS_NAME = "diagnostics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+FIGURES_DIR = "figures"
 # Written into a checkpoint folder after everything else in it. The Trainer writes checkpoint
 # files one by one, so a folder without this marker may be missing its optimizer state.
 CHECKPOINT_COMPLETE = "moslora-checkpoint-complete"
@@ -37,6 +53,22 @@ class TrainConfig:
 
     output: str | None = field(
         default=None, metadata=field_help("Run folder: adapter, run configuration, checkpoints.")
+    )
+    method: str = field(
+        default="moslora",
+        metadata=field_help(
+            "Fine-tuning method: moslora (the mixture of --experts), the single-space ablations "
+            "euclidean, hyperbolic and spherical, hyplora (one Lorentz-model hyperbolic expert), "
+            "or PEFT's lora and dora."
+        ),
+    )
+    total_rank: int | None = field(
+        default=None,
+        metadata=field_help(
+            "Summed rank of all experts of a module (the rank of lora and dora), to match "
+            "parameter budgets across methods: sets --r to this divided by the number of experts "
+            "and changes --lora-alpha by the same factor as --r."
+        ),
     )
     model: str | None = field(
         default=None,
@@ -114,11 +146,18 @@ class TrainConfig:
         default=False,
         metadata=field_help("Recompute activations in the backward pass to save memory."),
     )
+    tensorboard: bool = field(
+        default=True,
+        metadata=field_help(
+            "Write loss, curvatures and router weights to TensorBoard in <output>/tensorboard."
+        ),
+    )
     progress: bool = field(default=True, metadata=field_help("Show a progress bar."))
 
     def validate(self) -> None:
         if not self.output:
             raise ValueError("--output is required: the folder the run writes its adapter to")
+        check_method(self.method)
         positive = {
             "max_length": self.max_length,
             "batch_size": self.batch_size,
@@ -174,7 +213,11 @@ class ListDataset(Dataset):
 
 
 class MoSLoraTrainer(Trainer):
-    """A Trainer that adds the router's load-balancing loss and saves only the adapter."""
+    """A Trainer that adds the router's load-balancing loss and saves only the adapter.
+
+    It also trains PEFT LoRA and DoRA models, which have no router and no curvatures, so that
+    every method runs through the same optimizer set-up, checkpoints and resumption.
+    """
 
     def __init__(self, *args: Any, curvature_lr: float | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -182,10 +225,14 @@ class MoSLoraTrainer(Trainer):
         self._aux_total = 0.0
         self._aux_count = 0
 
-    def _adapter_model(self) -> MoSLoraModel:
+    def _adapter_model(self):
+        from peft import PeftModel
+
         model = self.accelerator.unwrap_model(self.model)
-        if not isinstance(model, MoSLoraModel):
-            raise TypeError(f"MoSLoraTrainer trains a MoSLoraModel, got {type(model).__name__}")
+        if not isinstance(model, (MoSLoraModel, PeftModel)):
+            raise TypeError(
+                f"MoSLoraTrainer trains a MoSLoraModel or a PEFT model, got {type(model).__name__}"
+            )
         return model
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -193,6 +240,8 @@ class MoSLoraTrainer(Trainer):
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
         adapter_model = self._adapter_model()
+        if not isinstance(adapter_model, MoSLoraModel):
+            return (loss, outputs) if return_outputs else loss
         coefficient = adapter_model.peft_config[adapter_model.active_adapter].router_aux_loss_coef
         aux = adapter_model.router_aux_loss()
         if aux is not None and model.training:
@@ -242,8 +291,8 @@ class MoSLoraTrainer(Trainer):
         return self.optimizer
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:
-            model = self._adapter_model()
+        model = self._adapter_model()
+        if "loss" in logs and isinstance(model, MoSLoraModel):
             if self._aux_count:
                 logs["aux_loss"] = round(self._aux_total / self._aux_count, 4)
                 self._aux_total, self._aux_count = 0.0, 0
@@ -261,7 +310,7 @@ class MoSLoraTrainer(Trainer):
         # Under FSDP and DeepSpeed the Trainer passes the gathered full state dict, because the
         # local parameters may be shards.
         # NOTE: that path is only tested with a single-process state dict: no GPU runs in CI.
-        self._adapter_model().save_pretrained(output_dir, state_dict=state_dict)
+        save_adapter(self._adapter_model(), output_dir, state_dict=state_dict)
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
@@ -277,8 +326,47 @@ class MoSLoraTrainer(Trainer):
             raise ValueError(
                 f"{resume_from_checkpoint} contains no adapter ({CONFIG_NAME} is missing)"
             )
-        adapter_model._load_weights(resume_from_checkpoint, adapter_model.active_adapter)
+        if isinstance(adapter_model, MoSLoraModel):
+            adapter_model._load_weights(resume_from_checkpoint, adapter_model.active_adapter)
+        else:
+            _load_peft_weights(adapter_model, resume_from_checkpoint)
         logger.info("resumed adapter weights from %s", resume_from_checkpoint)
+
+
+def save_adapter(model, output_dir: str | Path, state_dict: dict | None = None) -> None:
+    """Write a MoSLoRA or PEFT adapter to ``output_dir``, weights first and config last.
+
+    A MoSLoRA model saves atomically on its own. PEFT writes its files in place, so they are
+    written to a temporary folder beside the target and renamed into it, the config last: a
+    folder with a config always has complete weights.
+    """
+    output_dir = Path(output_dir)
+    if isinstance(model, MoSLoraModel):
+        model.save_pretrained(output_dir, state_dict=state_dict)
+        return
+    staging = output_dir / ".adapter-staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging), state_dict=state_dict)
+    names = sorted(path.name for path in staging.iterdir())
+    for name in sorted(names, key=lambda name: name == CONFIG_NAME):
+        (staging / name).replace(output_dir / name)
+    staging.rmdir()
+
+
+def _load_peft_weights(model, folder: str) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(folder) / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the checkpoint has no adapter weights")
+    result = set_peft_model_state_dict(model, load_file(str(path)))
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(
+            f"{path} has weights this model has no place for ({', '.join(unexpected[:3])}, ...); "
+            "resume with the same method and adapter settings"
+        )
 
 
 def training_arguments(config: TrainConfig) -> TrainingArguments:
@@ -312,15 +400,32 @@ def training_arguments(config: TrainConfig) -> TrainingArguments:
     )
 
 
-def train(config: TrainConfig, adapter_config: MoSLoraConfig) -> dict[str, Any]:
-    """Fine-tune a base model with a MoSLoRA adapter and write the run folder.
+def train(config: TrainConfig, adapter_config: Any = None) -> dict[str, Any]:
+    """Fine-tune a base model with the adapter of ``config.method`` and write the run folder.
 
+    ``adapter_config`` is a `MoSLoraConfig` for the MoSLoRA methods or a ``peft.LoraConfig``
+    for lora and dora; None builds the method's default (see `methods.adapter_config_for`).
     Returns the run record that is also written to ``<output>/run_config.json``.
     """
     from moslora.data import CausalLMCollator, load_examples, tokenize_for_training
     from moslora.hub import DEFAULT_MODEL, load_model_and_tokenizer
 
     config.validate()
+    if adapter_config is None:
+        adapter_config = adapter_config_for(config.method, total_rank=config.total_rank)
+    elif config.total_rank is not None and summed_rank(adapter_config) != config.total_rank:
+        raise ValueError(
+            f"total_rank={config.total_rank} does not match the adapter configuration given, "
+            f"whose summed rank is {summed_rank(adapter_config)}; build it with "
+            "methods.adapter_config_for(method, total_rank=...) or pass adapter_config=None"
+        )
+    if method_of(adapter_config) != config.method and not (
+        config.method == "moslora" and not is_peft_config(adapter_config)
+    ):
+        raise ValueError(
+            f"--method {config.method} does not match the adapter configuration, which is a "
+            f"{method_of(adapter_config)} adapter"
+        )
     output = Path(config.output)
     checkpoint = _check_output(output, config, adapter_config)
 
@@ -334,12 +439,18 @@ def train(config: TrainConfig, adapter_config: MoSLoraConfig) -> dict[str, Any]:
     if config.overwrite and checkpoint is None:
         _remove_previous_run(output)
     output.mkdir(parents=True, exist_ok=True)
-    model = get_moslora_model(base, adapter_config)
+    model = attach_adapter(base, adapter_config)
+    if not isinstance(model, MoSLoraModel):
+        # PEFT replaces the recorded base model with the loaded folder's path; keep the name
+        # given, as a MoSLoRA adapter records it.
+        peft_config = model.peft_config[model.active_adapter]
+        peft_config.base_model_name_or_path = adapter_config.base_model_name_or_path
     model.train()
     trainable, total = model.get_nb_trainable_parameters()
 
     collator = CausalLMCollator(tokenizer)
-    if config.calibrate and not adapter_config.is_euclidean and checkpoint is None:
+    moslora_run = isinstance(model, MoSLoraModel)
+    if moslora_run and config.calibrate and not adapter_config.is_euclidean and checkpoint is None:
         batch = collator(rows[: min(len(rows), 16)])
         model.calibrate_input_scale(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
@@ -352,39 +463,102 @@ def train(config: TrainConfig, adapter_config: MoSLoraConfig) -> dict[str, Any]:
         data_collator=collator,
         curvature_lr=config.curvature_lr,
     )
+    if moslora_run:
+        from moslora.diagnostics import DiagnosticsCallback
+
+        trainer.add_callback(DiagnosticsCallback(model, output, tensorboard=config.tensorboard))
     # Under DDP every process runs this function; only the main one writes and prints.
     main_process = trainer.is_world_process_zero()
     if main_process:
         model.print_trainable_parameters()
+    tokens_per_epoch = sum(len(row["input_ids"]) for row in rows)
     record = {
         "moslora_version": moslora.__version__,
+        "method": config.method,
         "train": asdict(config),
-        "adapter": adapter_config.to_dict(),
+        "adapter": adapter_settings(adapter_config),
         "examples": len(rows),
+        "tokens_per_epoch": tokens_per_epoch,
         "response_tokens": sum(sum(label != -100 for label in row["labels"]) for row in rows),
         "trainable_parameters": trainable,
         "total_parameters": total,
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
+            "peft": _peft_version(),
             "python": platform.python_version(),
         },
+        "machine": _machine(),
     }
     if main_process:
         write_json_atomic(output / RUN_CONFIG_NAME, {**record, "finished": False})
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started_step = 0
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    if checkpoint is not None:
+        started_step = int(Path(checkpoint).name.split("-")[-1])
     record["metrics"] = result.metrics
+    record["throughput"] = _throughput(trainer, result.metrics, tokens_per_epoch, started_step)
     record["log_history"] = trainer.state.log_history
-    record["curvature"] = model.curvatures()
+    if moslora_run:
+        record["curvature"] = model.curvatures()
     record["finished"] = True
     if main_process:
-        model.save_pretrained(output)
+        save_adapter(model, output)
         write_json_atomic(output / RUN_CONFIG_NAME, record)
         logger.info("adapter written to %s", output)
     return record
 
 
-def _check_output(output: Path, config: TrainConfig, adapter_config: MoSLoraConfig) -> str | None:
+def _throughput(
+    trainer: Trainer, metrics: dict[str, Any], tokens_per_epoch: int, started_step: int
+) -> dict[str, Any]:
+    """Training tokens per second and peak memory of this process's run.
+
+    Tokens are the non-padding tokens of the examples trained on, counted from the fraction of
+    the optimizer steps this process ran (after a resume, only the steps since the checkpoint).
+    """
+    state = trainer.state
+    steps_run = state.global_step - started_step
+    fraction = steps_run / state.max_steps if state.max_steps else 0.0
+    epochs = trainer.args.num_train_epochs if trainer.args.max_steps <= 0 else state.epoch
+    tokens = tokens_per_epoch * float(epochs or 0) * fraction
+    runtime = float(metrics.get("train_runtime", 0.0))
+    if torch.cuda.is_available():
+        peak, kind = torch.cuda.max_memory_allocated(), "cuda_max_allocated"
+    else:
+        # ru_maxrss is in KiB on Linux: the peak resident memory of the whole process, model
+        # loading included.
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_max_rss"
+    return {
+        "train_tokens": round(tokens),
+        "wall_seconds": runtime,
+        "tokens_per_second": tokens / runtime if runtime > 0 else None,
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": kind,
+        "steps": steps_run,
+    }
+
+
+def _machine() -> dict[str, Any]:
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+    }
+
+
+def _peft_version() -> str:
+    import peft
+
+    return peft.__version__
+
+
+def _check_output(output: Path, config: TrainConfig, adapter_config: Any) -> str | None:
     """Refuse to mix runs in one folder; return the checkpoint to resume from, if any."""
     if output.exists() and not output.is_dir():
         raise FileExistsError(f"--output {output} is a file; give a folder for the run")
@@ -395,20 +569,18 @@ def _check_output(output: Path, config: TrainConfig, adapter_config: MoSLoraConf
                 f"--resume: no complete checkpoint found in {output / CHECKPOINTS}; "
                 "start without --resume"
             )
-        saved = MoSLoraConfig.load(checkpoint).to_dict()
-        current = adapter_config.to_dict()
+        saved = adapter_settings(read_adapter_config(checkpoint))
+        current = adapter_settings(adapter_config)
         differing = sorted(
-            key
-            for key in current
-            if key != "base_model_name_or_path" and saved.get(key) != current[key]
+            key for key in set(current) | set(saved) if saved.get(key) != current.get(key)
         )
         if differing:
             details = ", ".join(
-                f"{key}={saved.get(key)!r} (now {current[key]!r})" for key in differing
+                f"{key}={saved.get(key)!r} (now {current.get(key)!r})" for key in differing
             )
             raise ValueError(
                 f"--resume: the checkpoint {checkpoint} was made with {details}; "
-                "resume with the same adapter settings"
+                "resume with the same method and adapter settings"
             )
         return checkpoint
     if config.overwrite:
@@ -429,9 +601,10 @@ def _check_output(output: Path, config: TrainConfig, adapter_config: MoSLoraConf
 def _remove_previous_run(output: Path) -> None:
     """Delete the files of an earlier run, so a killed new run never looks finished."""
     # The config goes first: a folder without it is not a loadable adapter.
-    for name in (CONFIG_NAME, WEIGHTS_NAME, RUN_CONFIG_NAME):
+    for name in (CONFIG_NAME, WEIGHTS_NAME, RUN_CONFIG_NAME, DIAGNOSTICS_NAME):
         (output / name).unlink(missing_ok=True)
-    shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
+    for folder in (CHECKPOINTS, TENSORBOARD_DIR, FIGURES_DIR):
+        shutil.rmtree(output / folder, ignore_errors=True)
 
 
 def _model_reference(model: str | None) -> str | None:
