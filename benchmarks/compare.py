@@ -124,9 +124,63 @@ def _save_results(path: Path, data: dict[str, Any]) -> None:
     temporary.replace(path)
 
 
+# Methods without learning-rate runs of their own on the selection set take the choice of
+# their closest relative: DoRA that of LoRA, the single-space experts that of the mixture.
+LR_FALLBACK = {
+    "dora": "lora",
+    "hyplora": "moslora",
+    "euclidean": "moslora",
+    "hyperbolic": "moslora",
+    "spherical": "moslora",
+}
+
+
+def select_learning_rates(path: Path, key: str | None = None) -> dict[str, float]:
+    """Pick each method's learning rate as the one with the best accuracy in a results file.
+
+    The file holds runs of a selection set (``mawps:valid``, never a test set). Accuracy is
+    averaged over seeds; a tie goes to the larger learning rate. ``key`` names the evaluation
+    set when the runs have several.
+    """
+    data = _load_results(path)
+    best: dict[str, tuple[float, float]] = {}
+    for row in aggregate(data["runs"]):
+        if row["method"] == "base" or row["lr"] is None:
+            continue
+        keys = [key] if key else sorted(row["accuracy"])
+        if len(keys) != 1 or keys[0] not in row["accuracy"]:
+            raise ValueError(
+                f"{path}: runs of {row['method']} have evaluation sets {sorted(row['accuracy'])}; "
+                "select with one of them"
+            )
+        score = (row["accuracy"][keys[0]]["mean"], row["lr"])
+        if row["method"] not in best or score > best[row["method"]]:
+            best[row["method"]] = score
+    chosen = {method: score[1] for method, score in best.items()}
+    for method, relative in LR_FALLBACK.items():
+        if method not in chosen and relative in chosen:
+            chosen[method] = chosen[relative]
+    return chosen
+
+
+def learning_rate(args: argparse.Namespace, method: str) -> float | None:
+    if method == "base":
+        return None
+    if args.lr_from:
+        chosen = select_learning_rates(Path(args.lr_from))
+        if method not in chosen:
+            raise ValueError(
+                f"--lr-from {args.lr_from} has no runs of {method} or of its fallback "
+                f"{LR_FALLBACK.get(method, '-')}; run the selection for it first"
+            )
+        return chosen[method]
+    return args.lr
+
+
 def run_one(args: argparse.Namespace, method: str, seed: int, specs: list[dict]) -> dict:
     """Train (unless ``method`` is base) and evaluate one run; return its results entry."""
-    name = run_name(method, seed, args.lr)
+    lr = learning_rate(args, method)
+    name = run_name(method, seed, lr)
     folder = Path(args.runs) / name
     log = folder / "commands.log"
     entry: dict[str, Any] = {"method": method, "seed": None if method == "base" else seed}
@@ -143,7 +197,7 @@ def run_one(args: argparse.Namespace, method: str, seed: int, specs: list[dict])
             "--epochs", str(args.epochs),
             "--no-progress",
             *model_flags,
-            *(["--lr", str(args.lr)] if args.lr is not None else []),
+            *(["--lr", str(lr)] if lr is not None else []),
             *shlex.split(args.train_args),
         )  # fmt: skip
         commands.append(shlex.join(train_command))
@@ -232,6 +286,10 @@ def command_run(args: argparse.Namespace) -> int:
         raise ValueError("--seeds lists no seed")
     if args.train_limit < 1:
         raise ValueError(f"--train-limit must be at least 1, got {args.train_limit}")
+    if args.lr is not None and args.lr_from:
+        raise ValueError("give --lr or --lr-from, not both")
+    for method in methods:
+        learning_rate(args, method)  # a missing selection fails before any training
     specs = parse_eval_specs(args.eval)
     results_path = Path(args.results)
     data = _load_results(results_path)  # a damaged file fails before hours of training
@@ -243,15 +301,17 @@ def command_run(args: argparse.Namespace) -> int:
         "exclude": args.exclude,
         "max_new_tokens": args.max_new_tokens,
         "model": args.model,
+        "lr_from": args.lr_from,
     }
     for method in methods:
         for seed in seeds if method != "base" else seeds[:1]:
             entry = run_one(args, method, seed, specs)
             entry["settings"] = settings
             data = _load_results(results_path)
-            data["runs"][run_name(method, seed, args.lr)] = entry
+            name = run_name(method, seed, learning_rate(args, method))
+            data["runs"][name] = entry
             _save_results(results_path, data)
-            print(f"{run_name(method, seed, args.lr)}: {_eval_line(entry)}", flush=True)
+            print(f"{name}: {_eval_line(entry)}", flush=True)
     return 0
 
 
@@ -471,6 +531,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--methods", default=",".join(METHODS), help="Comma-separated methods.")
     run.add_argument("--seeds", default="1", help="Comma-separated seeds (base runs once).")
     run.add_argument("--lr", type=float, help="Learning rate for every method (else recipe's).")
+    run.add_argument(
+        "--lr-from",
+        metavar="RESULTS",
+        help="Results JSON of learning-rate runs on a selection set: each method trains with "
+        "its best learning rate there (DoRA takes LoRA's, single experts the mixture's).",
+    )
     run.add_argument("--train-limit", type=int, default=320, help="MAWPS training examples.")
     run.add_argument("--epochs", type=float, default=1.0, help="Passes over the training set.")
     run.add_argument(

@@ -72,6 +72,23 @@ def test_differences_flag_noise():
     assert "+76.0 points" in line
 
 
+def test_learning_rates_selected_on_results(tmp_path):
+    path = tmp_path / "valid.json"
+    runs = {
+        "lora-a": _entry("lora", 1, 10, lr=1e-3),
+        "lora-b": _entry("lora", 1, 12, lr=3e-4),
+        "moslora-a": _entry("moslora", 1, 12, lr=1e-3),
+        "moslora-b": _entry("moslora", 1, 12, lr=3e-4),
+    }
+    path.write_text(json.dumps({"runs": runs}))
+    chosen = compare.select_learning_rates(path)
+    assert chosen["lora"] == 3e-4
+    assert chosen["moslora"] == 1e-3  # a tie goes to the larger learning rate
+    assert chosen["dora"] == 3e-4
+    assert chosen["hyplora"] == 1e-3
+    assert chosen["spherical"] == 1e-3
+
+
 def test_write_section_replaces_only_its_block(tmp_path):
     doc = tmp_path / "bench.md"
     doc.write_text("# Title\n\nkept text\n")

@@ -254,7 +254,7 @@ def test_train_and_eval_method_cli(method, tiny_model_dir, tmp_path, data_dir, c
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
-def test_peft_adapter_reloads_to_same_logits(method, tiny_model_dir, tmp_path, data_dir):
+def test_peft_adapter_reload_applies_update(method, tiny_model_dir, tmp_path, data_dir):
     from transformers import AutoModelForCausalLM
 
     output = tmp_path / method
