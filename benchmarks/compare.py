@@ -34,7 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "configs" / "methods"
 METHODS = ("base", "lora", "dora", "hyplora", "euclidean", "hyperbolic", "spherical", "moslora")
-DEFAULT_EVAL = "mawps:test:100,svamp:test:100,gsm8k:test:50"
+DEFAULT_EVAL = "mawps:test:100,svamp:test:100,gsm8k:test:40"
 
 
 def parse_eval_specs(text: str) -> list[dict[str, Any]]:
