@@ -9,15 +9,18 @@ skipped, so the comparison can be built in stages on a small machine and merged:
     python benchmarks/compare.py run --methods dora,hyplora --seeds 1
     python benchmarks/compare.py report
 
-``run`` adds each finished run to the results JSON (``--results``); ``report`` turns that file
-into a Markdown table with the command, machine and date, and writes it into ``--doc``
+``run`` adds each finished run to the results JSON (``--results``) under a file lock, so jobs
+that run at the same time may share one file. ``report`` merges one or more such files into a
+Markdown table with the command, machine and date, and writes it into ``--doc``
 between the markers ``<!-- compare:<name>:begin -->`` and ``<!-- compare:<name>:end -->``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import fcntl
 import json
 import math
 import os
@@ -34,7 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "configs" / "methods"
 METHODS = ("base", "lora", "dora", "hyplora", "euclidean", "hyperbolic", "spherical", "moslora")
-DEFAULT_EVAL = "mawps:test:100,svamp:test:100,gsm8k:test:40"
+DEFAULT_EVAL = "mawps:test:100,svamp:test:60,gsm8k:test:30"
 
 
 def parse_eval_specs(text: str) -> list[dict[str, Any]]:
@@ -115,6 +118,15 @@ def _load_results(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
         raise ValueError(f'{path} has no "runs" mapping; it was not written by this script')
     return data
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive lock beside ``path`` while a job reads, updates and writes it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.with_name(path.name + ".lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def _save_results(path: Path, data: dict[str, Any]) -> None:
@@ -292,7 +304,7 @@ def command_run(args: argparse.Namespace) -> int:
         learning_rate(args, method)  # a missing selection fails before any training
     specs = parse_eval_specs(args.eval)
     results_path = Path(args.results)
-    data = _load_results(results_path)  # a damaged file fails before hours of training
+    _load_results(results_path)  # a damaged file fails before hours of training
     settings = {
         "train_limit": args.train_limit,
         "epochs": args.epochs,
@@ -307,10 +319,11 @@ def command_run(args: argparse.Namespace) -> int:
         for seed in seeds if method != "base" else seeds[:1]:
             entry = run_one(args, method, seed, specs)
             entry["settings"] = settings
-            data = _load_results(results_path)
             name = run_name(method, seed, learning_rate(args, method))
-            data["runs"][name] = entry
-            _save_results(results_path, data)
+            with _locked(results_path):
+                data = _load_results(results_path)
+                data["runs"][name] = entry
+                _save_results(results_path, data)
             print(f"{name}: {_eval_line(entry)}", flush=True)
     return 0
 
@@ -495,12 +508,21 @@ def write_section(doc: Path, name: str, text: str) -> None:
 
 
 def command_report(args: argparse.Namespace) -> int:
-    path = Path(args.results)
-    if not path.is_file():
-        raise FileNotFoundError(f"--results {path} not found; run `compare.py run` first")
-    data = _load_results(path)
+    data: dict[str, Any] = {"runs": {}}
+    for name in args.results:
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"--results {path} not found; run `compare.py run` first")
+        runs = _load_results(path)["runs"]
+        repeated = sorted(set(runs) & set(data["runs"]))
+        if repeated:
+            raise ValueError(
+                f"{path} repeats the run(s) {', '.join(repeated)} of an earlier --results file; "
+                "give each run in one file only"
+            )
+        data["runs"].update(runs)
     if not data["runs"]:
-        raise ValueError(f"{path} contains no runs yet; run `compare.py run` first")
+        raise ValueError(f"{', '.join(args.results)} contain no runs yet; run `compare.py run`")
     text = render_table(data, args.title)
     if args.figures:
         text += _copy_figures(args, data)
@@ -548,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--exclude", default="mawps:train", help="Drop test questions that occur in this set."
     )
-    run.add_argument("--max-new-tokens", type=int, default=96, help="Generation limit.")
+    run.add_argument("--max-new-tokens", type=int, default=48, help="Generation limit per problem.")
     run.add_argument("--eval-batch-size", type=int, default=25, help="Problems per batch.")
     run.add_argument("--model", help="Base model folder or Hub id; default SmolLM2-135M.")
     run.add_argument("--runs", default="runs/compare", help="Folder of the run folders.")
@@ -558,7 +580,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=command_run)
 
     report = commands.add_parser("report", help="Write the results table into --doc.")
-    report.add_argument("--results", default="benchmarks/results/compare.json")
+    report.add_argument(
+        "--results",
+        nargs="+",
+        default=["benchmarks/results/compare.json"],
+        help="Results JSON files to merge; several `run` jobs may each write their own.",
+    )
     report.add_argument("--doc", default="docs/benchmarks.md", help="Markdown file to update.")
     report.add_argument("--name", default="mawps", help="Section name inside the markers.")
     report.add_argument("--title", default="Methods compared on SmolLM2-135M-Instruct")
