@@ -103,6 +103,26 @@ def test_write_section_replaces_only_its_block(tmp_path):
     assert "third" in text
 
 
+def test_report_merges_results_files(tmp_path):
+    first, second, doc = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "bench.md"
+    first.write_text(json.dumps({"runs": {"lora-s1": _entry("lora", 1, 10)}}))
+    second.write_text(json.dumps({"runs": {"moslora-s1": _entry("moslora", 1, 12)}}))
+    args = ["report", "--doc", str(doc), "--results", str(first), str(second)]
+    assert compare.main(args) == 0
+    text = doc.read_text()
+    assert "| lora |" in text
+    assert "| moslora |" in text
+
+
+def test_report_rejects_repeated_run(tmp_path, capsys):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    for path in (first, second):
+        path.write_text(json.dumps({"runs": {"lora-s1": _entry("lora", 1, 10)}}))
+    args = ["report", "--doc", str(tmp_path / "x.md"), "--results", str(first), str(second)]
+    assert compare.main(args) == 2
+    assert "repeats the run(s) lora-s1" in capsys.readouterr().err
+
+
 def test_results_file_damaged_named(tmp_path):
     path = tmp_path / "results.json"
     path.write_text("{oops")
