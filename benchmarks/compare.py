@@ -34,9 +34,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from moslora.train import last_complete_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "configs" / "methods"
 METHODS = ("base", "lora", "dora", "hyplora", "euclidean", "hyperbolic", "spherical", "moslora")
+# The command that made a run's adapter, and each evaluation folder's, as a JSON list.
+TRAIN_COMMAND_NAME = "train-command.json"
+EVAL_COMMAND_NAME = "eval-command.json"
 DEFAULT_EVAL = "mawps:test:100,svamp:test:60,gsm8k:test:30"
 
 
@@ -58,6 +63,19 @@ def parse_eval_specs(text: str) -> list[dict[str, Any]]:
     if not specs:
         raise ValueError("--eval lists no evaluation set")
     return specs
+
+
+def check_eval_data(specs: list[dict[str, Any]], exclude: str) -> None:
+    """Load every evaluation set once, so a wrong name or split fails before any training."""
+    from moslora.data import load_examples
+
+    for name, split in [(spec["name"], spec["split"]) for spec in specs] + [
+        tuple((exclude.split(":") + ["train"])[:2])
+    ]:
+        try:
+            load_examples(name, split)
+        except (ValueError, FileNotFoundError) as error:
+            raise ValueError(f"--eval/--exclude {name}:{split}: {error}") from error
 
 
 def run_name(method: str, seed: int, lr: float | None) -> str:
@@ -86,6 +104,26 @@ def _run(command: list[str], log: Path) -> float:
             f"last lines of {log}:\n{tail}"
         )
     return time.monotonic() - started
+
+
+def _check_command(path: Path, command: list[str]) -> None:
+    """Record the command that fills a folder, or reject a folder filled by another command.
+
+    A finished folder is only reused by the same command, so a results entry never describes
+    settings its run did not use. The interpreter path is left out of the comparison.
+    """
+    arguments = command[1:]
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        if recorded != arguments:
+            raise RuntimeError(
+                f"{path.parent} was made by another command:\n  {shlex.join(recorded)}\n"
+                f"not:\n  {shlex.join(arguments)}\nuse another --runs folder, or remove "
+                f"{path.parent} to redo it with the new settings"
+            )
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(arguments) + "\n")
 
 
 def _finished_training(folder: Path) -> dict[str, Any] | None:
@@ -117,7 +155,28 @@ def _load_results(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON ({error}); fix or remove it") from error
     if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
         raise ValueError(f'{path} has no "runs" mapping; it was not written by this script')
+    for name, entry in data["runs"].items():
+        _check_entry(path, name, entry)
     return data
+
+
+def _check_entry(path: Path, name: str, entry: Any) -> None:
+    def invalid(what: str) -> ValueError:
+        return ValueError(f"{path}: run {name!r}: {what}; fix or remove that entry")
+
+    if not isinstance(entry, dict) or not isinstance(entry.get("method"), str):
+        raise invalid('expected a mapping with a "method" name')
+    evaluations = entry.get("eval")
+    if not isinstance(evaluations, dict):
+        raise invalid('"eval" must map evaluation sets to results')
+    for key, result in evaluations.items():
+        if not isinstance(result, dict):
+            raise invalid(f"{key}: expected a mapping of accuracy, correct and count")
+        numbers = [result.get(field) for field in ("accuracy", "correct", "count")]
+        if not all(
+            isinstance(value, (int, float)) and not isinstance(value, bool) for value in numbers
+        ):
+            raise invalid(f"{key}: accuracy, correct and count must be numbers")
 
 
 @contextlib.contextmanager
@@ -154,6 +213,8 @@ def select_learning_rates(path: Path, key: str | None = None) -> dict[str, float
     averaged over seeds; a tie goes to the larger learning rate. ``key`` names the evaluation
     set when the runs have several.
     """
+    if not path.is_file():
+        raise FileNotFoundError(f"--lr-from {path} not found; run the selection runs first")
     data = _load_results(path)
     best: dict[str, tuple[float, float]] = {}
     for row in aggregate(data["runs"]):
@@ -164,6 +225,11 @@ def select_learning_rates(path: Path, key: str | None = None) -> dict[str, float
             raise ValueError(
                 f"{path}: runs of {row['method']} have evaluation sets {sorted(row['accuracy'])}; "
                 "select with one of them"
+            )
+        if keys[0].split(":")[1] == "test":
+            raise ValueError(
+                f"{path}: learning rates would be chosen on the test split {keys[0]}; select "
+                "them on a validation split such as mawps:valid"
             )
         score = (row["accuracy"][keys[0]]["mean"], row["lr"])
         if row["method"] not in best or score > best[row["method"]]:
@@ -213,9 +279,10 @@ def run_one(args: argparse.Namespace, method: str, seed: int, specs: list[dict])
             *shlex.split(args.train_args),
         )  # fmt: skip
         commands.append(shlex.join(train_command))
+        _check_command(folder / TRAIN_COMMAND_NAME, train_command)
         record = _finished_training(folder / "adapter")
         if record is None:
-            if (folder / "adapter" / "checkpoints").is_dir():
+            if last_complete_checkpoint(folder / "adapter" / "checkpoints") is not None:
                 train_command.append("--resume")
             _run(train_command, log)
             record = _finished_training(folder / "adapter")
@@ -232,7 +299,7 @@ def run_one(args: argparse.Namespace, method: str, seed: int, specs: list[dict])
         )
     entry["eval"] = {}
     for spec in specs:
-        out = folder / f"eval-{spec['name']}-{spec['split']}"
+        out = folder / f"eval-{spec['name']}-{spec['split']}-{spec['limit'] or 'all'}"
         eval_command = _moslora(
             "eval",
             "--data", spec["name"],
@@ -247,14 +314,10 @@ def run_one(args: argparse.Namespace, method: str, seed: int, specs: list[dict])
             *(["--adapter", str(folder / "adapter")] if method != "base" else []),
         )  # fmt: skip
         commands.append(shlex.join(eval_command))
+        _check_command(out / EVAL_COMMAND_NAME, eval_command)
         summary_path = out / "summary.json"
         if summary_path.is_file():
             summary = json.loads(summary_path.read_text())
-            if summary.get("count") != spec["limit"] and spec["limit"] is not None:
-                raise RuntimeError(
-                    f"{summary_path} has {summary.get('count')} problems, not {spec['limit']}; "
-                    "remove that folder to evaluate again with the new limit"
-                )
         else:
             seconds = _run(eval_command, log)
             summary = json.loads(summary_path.read_text())
@@ -287,6 +350,8 @@ def _final_curvature_by_kind(record: dict[str, Any]) -> dict[str, float]:
 
 def command_run(args: argparse.Namespace) -> int:
     methods = [item.strip() for item in args.methods.split(",") if item.strip()]
+    if not methods:
+        raise ValueError(f"--methods lists no method; choose from {', '.join(METHODS)}")
     unknown = [method for method in methods if method not in METHODS]
     if unknown:
         raise ValueError(f"--methods: unknown {', '.join(unknown)}; choose from {METHODS}")
@@ -303,6 +368,7 @@ def command_run(args: argparse.Namespace) -> int:
     for method in methods:
         learning_rate(args, method)  # a missing selection fails before any training
     specs = parse_eval_specs(args.eval)
+    check_eval_data(specs, args.exclude)
     results_path = Path(args.results)
     _load_results(results_path)  # a damaged file fails before hours of training
     settings = {
@@ -493,6 +559,8 @@ def render_table(data: dict[str, Any], title: str) -> str:
 
 
 def write_section(doc: Path, name: str, text: str) -> None:
+    if doc.is_dir():
+        raise ValueError(f"--doc {doc} is a folder; give the Markdown file to update")
     begin, end = f"<!-- compare:{name}:begin -->", f"<!-- compare:{name}:end -->"
     content = doc.read_text() if doc.is_file() else ""
     block = f"{begin}\n{text}{end}"
@@ -523,7 +591,12 @@ def command_report(args: argparse.Namespace) -> int:
         data["runs"].update(runs)
     if not data["runs"]:
         raise ValueError(f"{', '.join(args.results)} contain no runs yet; run `compare.py run`")
-    text = render_table(data, args.title)
+    runs = data["runs"].values()
+    models = sorted({str(entry.get("settings", {}).get("model")) for entry in runs})
+    title = args.title or "Methods compared on " + (
+        "SmolLM2-135M-Instruct" if models == ["None"] else ", ".join(models)
+    )
+    text = render_table(data, title)
     if args.figures:
         text += _copy_figures(args, data)
     write_section(Path(args.doc), args.name, text)
@@ -534,6 +607,12 @@ def command_report(args: argparse.Namespace) -> int:
 def _copy_figures(args: argparse.Namespace, data: dict[str, Any]) -> str:
     """Plot the named run with `moslora plot` and copy its PNGs next to the document."""
     folder = Path(args.runs) / args.figures / "adapter"
+    if args.figures not in data["runs"]:
+        raise ValueError(f"--figures {args.figures}: no such run in the results")
+    if data["runs"][args.figures]["method"] == "base":
+        raise ValueError("--figures base: the base model has no adapter and no training to plot")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--figures {args.figures}: run folder {folder} not found")
     _run(_moslora("plot", str(folder)), folder.parent / "commands.log")
     target = Path(args.doc).parent / "figures"
     target.mkdir(parents=True, exist_ok=True)
@@ -588,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--doc", default="docs/benchmarks.md", help="Markdown file to update.")
     report.add_argument("--name", default="mawps", help="Section name inside the markers.")
-    report.add_argument("--title", default="Methods compared on SmolLM2-135M-Instruct")
+    report.add_argument("--title", help="Table title; default names the base model of the runs.")
     report.add_argument("--runs", default="runs/compare", help="Folder of the run folders.")
     report.add_argument("--figures", help="Run whose `moslora plot` figures to include.")
     report.set_defaults(handler=command_report)

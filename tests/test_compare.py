@@ -32,14 +32,12 @@ def test_eval_specs_invalid(text):
         compare.parse_eval_specs(text)
 
 
-def _entry(method, seed, correct, count=50, lr=1e-3):
+def _entry(method, seed, correct, count=50, lr=1e-3, key="mawps:test:50"):
     return {
         "method": method,
         "seed": seed,
         "lr": lr,
-        "eval": {
-            "mawps:test:50": {"accuracy": correct / count, "correct": correct, "count": count}
-        },
+        "eval": {key: {"accuracy": correct / count, "correct": correct, "count": count}},
         "trainable_parameters": 1000,
         "throughput": {"tokens_per_second": 10.0, "peak_memory_bytes": 2**30, "wall_seconds": 60},
         "commands": [f"moslora train --method {method}"],
@@ -74,11 +72,12 @@ def test_differences_flag_noise():
 
 def test_learning_rates_selected_on_results(tmp_path):
     path = tmp_path / "valid.json"
+    valid = "mawps:valid:50"
     runs = {
-        "lora-a": _entry("lora", 1, 10, lr=1e-3),
-        "lora-b": _entry("lora", 1, 12, lr=3e-4),
-        "moslora-a": _entry("moslora", 1, 12, lr=1e-3),
-        "moslora-b": _entry("moslora", 1, 12, lr=3e-4),
+        "lora-a": _entry("lora", 1, 10, lr=1e-3, key=valid),
+        "lora-b": _entry("lora", 1, 12, lr=3e-4, key=valid),
+        "moslora-a": _entry("moslora", 1, 12, lr=1e-3, key=valid),
+        "moslora-b": _entry("moslora", 1, 12, lr=3e-4, key=valid),
     }
     path.write_text(json.dumps({"runs": runs}))
     chosen = compare.select_learning_rates(path)
@@ -87,6 +86,35 @@ def test_learning_rates_selected_on_results(tmp_path):
     assert chosen["dora"] == 3e-4
     assert chosen["hyplora"] == 1e-3
     assert chosen["spherical"] == 1e-3
+
+
+def test_learning_rates_never_from_test(tmp_path):
+    path = tmp_path / "test.json"
+    path.write_text(json.dumps({"runs": {"lora-a": _entry("lora", 1, 10)}}))
+    with pytest.raises(ValueError, match="chosen on the test split"):
+        compare.select_learning_rates(path)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        compare.select_learning_rates(tmp_path / "missing.json")
+
+
+def test_results_entries_checked(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"runs": {"x": 5}}))
+    with pytest.raises(ValueError, match="run 'x': expected a mapping"):
+        compare._load_results(path)
+    entry = _entry("lora", 1, 10)
+    entry["eval"]["mawps:test:50"]["accuracy"] = "x"
+    path.write_text(json.dumps({"runs": {"lora-s1": entry}}))
+    with pytest.raises(ValueError, match="accuracy, correct and count must be numbers"):
+        compare._load_results(path)
+
+
+def test_folder_reused_only_by_same_command(tmp_path):
+    record = tmp_path / "run" / "train-command.json"
+    compare._check_command(record, ["python", "-m", "moslora.cli", "train", "--lr", "1e-3"])
+    compare._check_command(record, ["/other/python", "-m", "moslora.cli", "train", "--lr", "1e-3"])
+    with pytest.raises(RuntimeError, match="was made by another command"):
+        compare._check_command(record, ["python", "-m", "moslora.cli", "train", "--lr", "3e-4"])
 
 
 def test_write_section_replaces_only_its_block(tmp_path):
