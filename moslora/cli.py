@@ -251,9 +251,22 @@ def _command_train(args: argparse.Namespace) -> int:
     train_values, adapter_values = _settings(args, TrainConfig, MoSLoraConfig)
     train_config = TrainConfig(**train_values)
     train_config.validate()
-    adapter_config = adapter_config_for(
-        train_config.method, adapter_values, total_rank=train_config.total_rank
-    )
+    try:
+        adapter_config = adapter_config_for(
+            train_config.method, adapter_values, total_rank=train_config.total_rank
+        )
+    except ValueError as error:
+        if args.config:
+            source = f"settings from the command line and {args.config}"
+            raise ValueError(f"{error} ({source})") from None
+        raise
+    if train_config.total_rank is not None:
+        logger.info(
+            "--total-rank %d: rank %d and lora_alpha %g per expert",
+            train_config.total_rank,
+            adapter_config.r,
+            adapter_config.lora_alpha,
+        )
     record = train(train_config, adapter_config)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"output": train_config.output, **record["metrics"]}, indent=2))

@@ -1,8 +1,16 @@
-"""Training diagnostics of MoSLoRA runs: curvatures and router weights over training steps.
+"""Training diagnostics of MoSLoRA runs: curvatures and router probabilities over training steps.
 
 `DiagnosticsCallback` appends one JSON record per logging step to ``<run>/diagnostics.jsonl``
-and writes the same scalars to TensorBoard. `read_diagnostics` reads the records back, and
-`inspect_adapter` summarises a saved adapter without loading its base model.
+and writes the same scalars to TensorBoard. `read_diagnostics` reads the records back and
+validates their structure, and `inspect_adapter` summarises a saved adapter without loading
+its base model.
+
+A record is a JSON object with the integer ``step`` of the optimizer, ``epoch``, ``loss``,
+``learning_rate`` and ``modules``, which maps each adapted module's path to its expert
+``kinds``, their ``curvature`` at that step and ``router_weight``. Despite its name,
+``router_weight`` is the mean router probability (the softmax of the router logits, before any
+top-k selection) of each expert over the micro-batches since the previous record. It is null
+when the module ran no forward pass in that window.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +30,7 @@ from transformers import TrainerCallback
 from moslora.config import CONFIG_NAME, KIND_SIGN, WEIGHTS_NAME, MoSLoraConfig
 from moslora.files import write_text_atomic
 from moslora.model import MoSLoraModel
-from moslora.train import DIAGNOSTICS_NAME, TENSORBOARD_DIR
+from moslora.train import CHECKPOINTS, DIAGNOSTICS_NAME, TENSORBOARD_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +74,15 @@ def split_module_path(path: str) -> tuple[int | None, str]:
 
 
 class DiagnosticsCallback(TrainerCallback):
-    """Record curvatures and mean router weights of a `MoSLoraModel` at each logging step.
+    """Record curvatures and mean router probabilities of a `MoSLoraModel` at each logging step.
 
     After every micro-batch, the callback adds each adapted module's mean router probability
-    per expert. A module with one expert has no router and counts as weight 1.0. At each log
-    that contains the training loss, it appends one line to ``<run_dir>/diagnostics.jsonl``
-    with the curvatures at that step and the router weights averaged since the previous
-    record. When ``tensorboard`` is true, it also writes these values to TensorBoard in
+    per expert. A module with one expert has no router and counts as probability 1.0. At each
+    log that contains the training loss, it appends one line to ``<run_dir>/diagnostics.jsonl``
+    with the curvatures at that step and the router probabilities averaged since the previous
+    record, in the field ``router_weight``. With router 'topk' these are the softmax
+    probabilities before the top-k selection, not the renormalised mixing weights. When
+    ``tensorboard`` is true, it also writes these values to TensorBoard in
     ``<run_dir>/tensorboard``. Only the main process writes.
     """
 
@@ -215,7 +226,11 @@ class DiagnosticsCallback(TrainerCallback):
 
 
 def _read_lines(path: Path) -> list[tuple[int, str, dict[str, Any]]]:
-    """Parse the records file into (line number, line text, record), skipping blank lines."""
+    """Parse the records file into (line number, line text, record), skipping blank lines.
+
+    Raises ``ValueError`` naming the file, the line and the field of the first record that is
+    invalid JSON or does not have the structure described in the module docstring.
+    """
     text = path.read_text(encoding="utf-8")
     lines = text.split("\n")
     # The text after the last newline is empty for a complete file; anything else is a line
@@ -228,6 +243,7 @@ def _read_lines(path: Path) -> list[tuple[int, str, dict[str, Any]]]:
             len(lines) + 1,
         )
     parsed = []
+    kinds_by_path: dict[str, list[str]] = {}
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -237,19 +253,100 @@ def _read_lines(path: Path) -> list[tuple[int, str, dict[str, Any]]]:
             raise ValueError(
                 f"{path}, line {number}: invalid JSON ({error}); delete or repair that line"
             ) from error
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        if not isinstance(record, dict) or not _is_integer(record.get("step")):
             raise ValueError(
                 f'{path}, line {number}: a record must be a JSON object with an integer "step"'
             )
+        problem = _record_problem(record, kinds_by_path)
+        if problem is not None:
+            raise ValueError(f"{path}, line {number}: {problem}; delete or repair that line")
         parsed.append((number, line, record))
     return parsed
 
 
-def read_diagnostics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Read the records of ``<run_dir>/diagnostics.jsonl``, in the order they were written.
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
-    Raises ``FileNotFoundError`` when the file is missing and ``ValueError`` naming the line of
-    a malformed record. An unterminated last line, left by a kill during its write, is skipped.
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _describe(value: Any) -> str:
+    """Name the JSON type of ``value`` with a short excerpt, for error messages."""
+    text = json.dumps(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return text
+    if isinstance(value, str):
+        return f"the string {text}"
+    if isinstance(value, dict):
+        return f"the object {text}"
+    if isinstance(value, list):
+        return f"the list {text}"
+    return f"the number {text}"
+
+
+def _record_problem(record: dict[str, Any], kinds_by_path: dict[str, list[str]]) -> str | None:
+    """Describe the first field of ``record`` with a wrong structure, or return None.
+
+    ``kinds_by_path`` maps each module path to the expert kinds of its first record. Paths
+    seen for the first time are added to it, so a later record with other kinds is rejected.
+    """
+    for name in ("epoch", "loss", "learning_rate"):
+        value = record.get(name)
+        if value is not None and not _is_number(value):
+            return f'field "{name}" must be a number or null, not {_describe(value)}'
+    modules = record.get("modules")
+    if not isinstance(modules, dict):
+        return (
+            'field "modules" must be an object that maps module paths to their kinds, '
+            f"curvature and router_weight, not {_describe(modules)}"
+        )
+    for path, values in modules.items():
+        field = f"modules[{json.dumps(path)}]"
+        if not isinstance(values, dict):
+            return f"field {field} must be an object, not {_describe(values)}"
+        kinds = values.get("kinds")
+        if (
+            not isinstance(kinds, list)
+            or not kinds
+            or not all(isinstance(kind, str) for kind in kinds)
+        ):
+            return (
+                f"field {field}.kinds must be a non-empty list of expert kinds (strings), "
+                f"not {_describe(kinds)}"
+            )
+        earlier = kinds_by_path.setdefault(path, kinds)
+        if kinds != earlier:
+            return (
+                f"field {field}.kinds is {_describe(kinds)}, but an earlier record of that "
+                f"module lists {_describe(earlier)}"
+            )
+        for name, nullable in (("curvature", False), ("router_weight", True)):
+            value = values.get(name)
+            if value is None and nullable:
+                continue
+            expected = "a list of numbers or null" if nullable else "a list of numbers"
+            if not isinstance(value, list) or not all(_is_number(item) for item in value):
+                return f"field {field}.{name} must be {expected}, not {_describe(value)}"
+            if len(value) != len(kinds):
+                return (
+                    f"field {field}.{name} has {len(value)} values, but {field}.kinds lists "
+                    f"{len(kinds)} experts"
+                )
+    return None
+
+
+def read_diagnostics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Read and validate the records of ``<run_dir>/diagnostics.jsonl``, in the order written.
+
+    Raises ``FileNotFoundError`` when the file is missing and ``ValueError`` naming the line and
+    the field of a malformed record (see the module docstring for the structure). An
+    unterminated last line, left by a kill during its write, is skipped.
     """
     path = Path(run_dir) / DIAGNOSTICS_NAME
     if not path.is_file():
@@ -260,20 +357,36 @@ def read_diagnostics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [record for _, _, record in _read_lines(path)]
 
 
+def checkpoint_run_folder(folder: str | Path) -> Path | None:
+    """Return the run folder of a ``<run>/checkpoints/checkpoint-N`` folder, or None.
+
+    The run folder, not the checkpoint, contains ``diagnostics.jsonl`` and ``run_config.json``.
+    """
+    absolute = Path(os.path.abspath(folder))
+    if re.fullmatch(r"checkpoint-\d+", absolute.name) and absolute.parent.name == CHECKPOINTS:
+        return absolute.parent.parent
+    return None
+
+
 # ---- summarising a saved adapter ------------------------------------------------------------
 
 
 def inspect_adapter(adapter_dir: str | Path, output_format: str = "table") -> str:
     """Summarise the adapter saved in ``adapter_dir`` as a text table or as JSON.
 
-    A MoSLoRA adapter gets one row per adapted module with each expert's kind, final curvature
-    and mean router weight (from the last record of ``diagnostics.jsonl`` in the same folder,
-    when there is one) and the input scale. A PEFT adapter gets a one-line summary. No base
-    model is loaded.
+    A MoSLoRA adapter gets one row per adapted module with the input scale and, per expert,
+    the kind, the curvature in the saved adapter and the mean router probability over the
+    logging window of the last record of ``diagnostics.jsonl`` in the same folder, when there
+    is one. A PEFT adapter gets a one-line summary. No base model is loaded.
     """
     if output_format not in ("table", "json"):
         raise ValueError(f"output format {output_format!r} is invalid; choose table or json")
     folder = Path(adapter_dir)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(
+            f"{folder} is a file, but an adapter folder is expected: give the folder that "
+            f"contains {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {folder} not found")
     config_path = folder / CONFIG_NAME
@@ -353,12 +466,15 @@ def _moslora_summary(folder: Path) -> dict[str, Any]:
             "MoSLoraModel.save_pretrained"
         )
     paths.sort(key=lambda path: _module_order(path, config.target_modules))
+    run_dir = checkpoint_run_folder(folder)
 
     last = None
     diagnostics_path = folder / DIAGNOSTICS_NAME
     if diagnostics_path.is_file():
         records = read_diagnostics(folder)
         last = records[-1] if records else None
+    if last is not None:
+        _check_record_experts(last, paths, config.experts, diagnostics_path)
 
     modules = []
     for path in paths:
@@ -370,9 +486,9 @@ def _moslora_summary(folder: Path) -> dict[str, Any]:
             )
         curvature = curvature_from_raw(raw, config.experts, config.max_curvature).tolist()
         log_scale = tensors.get(f"{path}.moslora_log_scale")
-        weights = None
-        if last is not None:
-            weights = last.get("modules", {}).get(path, {}).get("router_weight")
+        probabilities = None
+        if last is not None and path in last["modules"]:
+            probabilities = last["modules"][path]["router_weight"]
         layer, name = split_module_path(path)
         modules.append(
             {
@@ -384,7 +500,9 @@ def _moslora_summary(folder: Path) -> dict[str, Any]:
                     {
                         "kind": kind,
                         "curvature": curvature[index],
-                        "router_weight": weights[index] if weights is not None else None,
+                        "router_probability": (
+                            probabilities[index] if probabilities is not None else None
+                        ),
                     }
                     for index, kind in enumerate(config.experts)
                 ],
@@ -396,9 +514,25 @@ def _moslora_summary(folder: Path) -> dict[str, Any]:
         "experts": list(config.experts),
         "r": config.r,
         "max_curvature": config.max_curvature,
+        "router": config.router,
         "diagnostics_step": last["step"] if last is not None else None,
+        "run_dir": str(run_dir) if run_dir is not None else None,
         "modules": modules,
     }
+
+
+def _check_record_experts(
+    record: dict[str, Any], paths: list[str], experts: list[str], diagnostics_path: Path
+) -> None:
+    """Raise ValueError when the record lists other experts than the adapter for a module."""
+    for path in paths:
+        values = record["modules"].get(path)
+        if values is not None and values["kinds"] != list(experts):
+            raise ValueError(
+                f"{diagnostics_path}: the record of step {record['step']} lists the experts "
+                f"{', '.join(values['kinds'])} for {path}, but {CONFIG_NAME} lists "
+                f"{', '.join(experts)}; the records belong to another adapter"
+            )
 
 
 def _module_order(path: str, targets: list[str] | str) -> tuple:
@@ -426,7 +560,10 @@ def _moslora_table(summary: dict[str, Any]) -> str:
     for module in summary["modules"]:
         row = ["-" if module["layer"] is None else str(module["layer"]), module["module"]]
         for expert in module["experts"]:
-            row += [_format_number(expert["curvature"]), _format_number(expert["router_weight"])]
+            row += [
+                _format_number(expert["curvature"]),
+                _format_number(expert["router_probability"]),
+            ]
         row.append(_format_number(module["input_scale"]))
         rows.append(row)
 
@@ -440,13 +577,28 @@ def _moslora_table(summary: dict[str, Any]) -> str:
         for row in rows
     ]
 
-    step = summary["diagnostics_step"]
-    if step is None:
-        source = f"router weights w: - (no {DIAGNOSTICS_NAME} records in this folder)"
-    else:
-        source = f"router weights w: from the {DIAGNOSTICS_NAME} record of step {step}"
     title = (
         f"{summary['adapter_dir']}: MoSLoRA adapter, experts {', '.join(experts)}, "
         f"r={summary['r']}, {len(summary['modules'])} modules"
     )
-    return "\n".join([title, "curvature k; " + source, *lines])
+    return "\n".join(
+        [title, "k: curvature in the saved adapter", _probability_note(summary), *lines]
+    )
+
+
+def _probability_note(summary: dict[str, Any]) -> str:
+    """Describe the w columns of the table: what they average, over which steps, from where."""
+    step = summary["diagnostics_step"]
+    if step is None:
+        if summary["run_dir"] is not None:
+            return (
+                f"w: - ({DIAGNOSTICS_NAME} is written to the run folder {summary['run_dir']}, "
+                "not to checkpoint folders)"
+            )
+        return f"w: - (no {DIAGNOSTICS_NAME} records in this folder)"
+    probability = "mean router probability"
+    if summary["router"] == "topk":
+        probability += " (softmax before the top-k selection)"
+    return (
+        f"w: {probability} over the logging window ending at step {step} (from {DIAGNOSTICS_NAME})"
+    )

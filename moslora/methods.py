@@ -52,7 +52,13 @@ def adapter_config_for(
     check_method(method)
     values = dict(settings or {})
     if method in PEFT_METHODS:
-        extra = sorted(set(values) - set(PEFT_SHARED_SETTINGS) - {"base_model_name_or_path"})
+        # A MoSLoRA-only setting at its default value changes nothing, so it is accepted.
+        default = MoSLoraConfig()
+        extra = sorted(
+            name
+            for name in set(values) - set(PEFT_SHARED_SETTINGS) - {"base_model_name_or_path"}
+            if values[name] != getattr(default, name, None)
+        )
         if extra:
             flags = ", ".join("--" + name.replace("_", "-") for name in extra)
             verb = "applies" if len(extra) == 1 else "apply"

@@ -298,8 +298,12 @@ class MoSLoraTrainer(Trainer):
                 self._aux_total, self._aux_count = 0.0, 0
             for kind, value in model.mean_curvature_by_kind().items():
                 logs[f"curvature_{kind}"] = round(value, 4)
-            if self.optimizer is not None and len(self.optimizer.param_groups) > 1:
-                logs["curvature_lr"] = self.optimizer.param_groups[-1]["lr"]
+            if "learning_rate" in logs and self.curvature_lr is not None:
+                # One schedule scales both groups, so the curvature rate is the logged rate
+                # times the ratio of the peaks (the optimizer's own value is already the next
+                # step's when the Trainer logs).
+                ratio = self.curvature_lr / self.args.learning_rate
+                logs["curvature_lr"] = float(logs["learning_rate"]) * ratio
         super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -569,8 +573,9 @@ def _check_output(output: Path, config: TrainConfig, adapter_config: Any) -> str
                 f"--resume: no complete checkpoint found in {output / CHECKPOINTS}; "
                 "start without --resume"
             )
-        saved = adapter_settings(read_adapter_config(checkpoint))
-        current = adapter_settings(adapter_config)
+        _check_resumed_settings(output, config)
+        saved = _comparable(adapter_settings(read_adapter_config(checkpoint)))
+        current = _comparable(adapter_settings(adapter_config))
         differing = sorted(
             key for key in set(current) | set(saved) if saved.get(key) != current.get(key)
         )
@@ -596,6 +601,43 @@ def _check_output(output: Path, config: TrainConfig, adapter_config: Any) -> str
             "--overwrite to start again, or choose another --output"
         )
     return None
+
+
+# Training settings a resumed run must share with the run it continues. The Trainer restores the
+# optimizer, scheduler and data order from the checkpoint, so a changed value would be recorded
+# but not used.
+RESUME_FIXED_SETTINGS = (
+    "method", "data", "split", "limit", "max_length", "epochs", "max_steps", "batch_size",
+    "gradient_accumulation", "lr", "curvature_lr", "weight_decay", "warmup_ratio",
+    "max_grad_norm", "dtype", "seed", "total_rank", "calibrate", "gradient_checkpointing",
+)  # fmt: skip
+
+
+def _check_resumed_settings(output: Path, config: TrainConfig) -> None:
+    record = read_run_config(output)
+    if record is None or not isinstance(record.get("train"), dict):
+        return
+    saved, current = record["train"], asdict(config)
+    differing = [
+        name for name in RESUME_FIXED_SETTINGS if name in saved and saved[name] != current[name]
+    ]
+    if differing:
+        details = ", ".join(
+            f"--{name.replace('_', '-')} {saved[name]!r} (now {current[name]!r})"
+            for name in differing
+        )
+        raise ValueError(
+            f"--resume: the run in {output} was started with {details}; resume with the same "
+            "settings, or start a new run with --overwrite or another --output"
+        )
+
+
+def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
+    """Adapter settings with the target-module list sorted, because its order has no effect."""
+    targets = settings.get("target_modules")
+    if isinstance(targets, list):
+        settings = {**settings, "target_modules": sorted(targets)}
+    return settings
 
 
 def _remove_previous_run(output: Path) -> None:

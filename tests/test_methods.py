@@ -169,6 +169,20 @@ def test_peft_method_rejects_moslora_settings():
         adapter_config_for("lora", {"router": "topk"})
 
 
+def test_peft_method_accepts_moslora_defaults():
+    config = adapter_config_for("lora", {"router": "dense", "share_router": False})
+    assert isinstance(config, LoraConfig)
+
+
+def test_recipe_error_names_file(tmp_path, capsys):
+    recipe = tmp_path / "lora-router.yaml"
+    recipe.write_text("method: lora\nrouter: topk\n")
+    assert main(["train", "--config", str(recipe), "--output", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err
+    assert "--router applies only to MoSLoRA adapters" in error
+    assert str(recipe) in error
+
+
 def test_method_rejects_contradicting_experts():
     with pytest.raises(ValueError, match="contradicts --method hyperbolic"):
         adapter_config_for("hyperbolic", {"experts": ["spherical"]})
@@ -310,7 +324,18 @@ def test_resume_with_other_method_named(tiny_model_dir, tmp_path, data_dir, caps
     assert main([*args, "--method", "lora", "--r", "2"]) == 0
     (output / CONFIG_NAME).unlink()
     assert main([*args, "--method", "moslora", "--r", "2", "--resume"]) == 2
-    assert "resume with the same method and adapter settings" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "--method 'lora' (now 'moslora')" in error
+    assert "resume with the same settings" in error
+
+
+def test_resume_with_other_lr_rejected(tiny_model_dir, tmp_path, data_dir, capsys):
+    output = tmp_path / "run"
+    args = _train_args(tiny_model_dir, output, "--max-steps", "2", "--save-steps", "1")
+    assert main([*args, "--lr", "1e-2", "--r", "2"]) == 0
+    (output / CONFIG_NAME).unlink()
+    assert main([*args, "--lr", "1e-3", "--r", "2", "--resume"]) == 2
+    assert "--lr 0.01 (now 0.001)" in capsys.readouterr().err
 
 
 def test_cli_method_errors_exit_2(tiny_model_dir, tmp_path, capsys):

@@ -51,6 +51,8 @@ def test_train_cli_writes_run_folder(tiny_model_dir, tmp_path, data_dir):
         assert "curvature_hyperbolic" in entry
         assert "curvature_spherical" in entry
         assert "learning_rate" in entry
+        # Both optimizer groups follow one schedule: the logged rates keep the peaks' ratio.
+        assert entry["curvature_lr"] == pytest.approx(entry["learning_rate"] * 1e-2 / 3e-4)
 
 
 def test_train_refuses_existing_adapter(tiny_model_dir, tmp_path, data_dir, capsys):
@@ -319,6 +321,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_model_dir, tmp_path, dat
         limit=16,
         max_steps=10,
         batch_size=4,
+        max_length=192,
         save_steps=1,
         lr=5e-3,
         progress=False,
