@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from moslora.config import CONFIG_NAME, MoSLoraConfig
+from moslora.config import CONFIG_NAME, WEIGHTS_NAME, MoSLoraConfig
 
 # The experts of each MoSLoRA-family method.
 MOSLORA_METHODS: dict[str, list[str]] = {
@@ -189,9 +189,29 @@ def load_trained_adapter(base: nn.Module, folder: str | Path) -> nn.Module:
     """Wrap ``base`` with the adapter saved in ``folder``, for inference."""
     config = read_adapter_config(folder)
     if is_peft_config(config):
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(base, str(folder))
+        return _load_peft_adapter(base, Path(folder))
     from moslora.model import MoSLoraModel
 
     return MoSLoraModel.from_pretrained(base, folder)
+
+
+def _load_peft_adapter(base: nn.Module, folder: Path) -> nn.Module:
+    """Load a PEFT adapter and check that every saved tensor found its module in ``base``."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    hint = "pass --model with the base model the adapter was trained on"
+    try:
+        model = PeftModel.from_pretrained(base, str(folder))
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[-1].strip()
+        message = f"{folder}: the adapter does not fit this model ({reason}); {hint}"
+        raise ValueError(message) from None
+    saved = set(load_file(str(folder / WEIGHTS_NAME)))
+    unplaced = sorted(saved - set(get_peft_model_state_dict(model)))
+    if unplaced:
+        raise ValueError(
+            f"{folder}: {len(unplaced)} adapter tensor(s) have no module in this model "
+            f"(first: {unplaced[0]}); {hint}"
+        )
+    return model

@@ -382,3 +382,24 @@ def test_recipe_builds_budget_matched_adapter(method, tmp_path):
     assert method_of(adapter) == method
     assert summed_rank(adapter) == 24
     assert adapter.lora_alpha / adapter.r == 2
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"num_hidden_layers": 1}, "have no module in this model"),
+        ({"hidden_size": 48, "intermediate_size": 96}, "does not fit this model"),
+    ],
+)
+def test_peft_adapter_on_other_base_rejected(tmp_path, changes, message):
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import tiny_config
+
+    folder = tmp_path / "lora"
+    attach_adapter(tiny_model(), adapter_config_for("lora", {"r": 2})).save_pretrained(folder)
+    config = tiny_config()
+    for name, value in changes.items():
+        setattr(config, name, value)
+    with pytest.raises(ValueError, match=message):
+        load_trained_adapter(AutoModelForCausalLM.from_config(config), folder)
