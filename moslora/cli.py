@@ -16,6 +16,7 @@ import sys
 import time
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -509,6 +510,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # PEFT 0.21 calls this transformers 5 method on every LoRA and DoRA model; the warning is
+    # not about anything the user did.
+    warnings.filterwarnings(
+        "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
     try:
         return args.handler(args)
     except BrokenPipeError:

@@ -149,7 +149,8 @@ class TrainConfig:
     tensorboard: bool = field(
         default=True,
         metadata=field_help(
-            "Write loss, curvatures and router weights to TensorBoard in <output>/tensorboard."
+            "MoSLoRA methods: write loss, curvatures and router weights to TensorBoard in "
+            "<output>/tensorboard (lora and dora runs write none)."
         ),
     )
     progress: bool = field(default=True, metadata=field_help("Show a progress bar."))
