@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -493,7 +494,15 @@ def differences(rows: list[dict[str, Any]], reference: str, against: str) -> lis
 
 def render_table(data: dict[str, Any], title: str) -> str:
     rows = aggregate(data["runs"])
-    sets = sorted({key for row in rows for key in row["accuracy"]})
+    # Evaluation sets in the --eval order of the runs' settings, then any others.
+    listed = [
+        spec["key"]
+        for entry in data["runs"].values()
+        for spec in parse_eval_specs(entry.get("settings", {}).get("eval", "") or "x:y")
+    ]
+    present = {key for entry in data["runs"].values() for key in entry["eval"]}
+    sets = [key for key in dict.fromkeys(listed) if key in present]
+    sets += sorted(present - set(sets))
     counts = {
         key: next(row["accuracy"][key]["count"] for row in rows if key in row["accuracy"])
         for key in sets
@@ -551,10 +560,16 @@ def render_table(data: dict[str, Any], title: str) -> str:
         if entry["method"] in shown:
             continue
         shown.add(entry["method"])
-        lines.append("    " + entry["commands"][0])
-    settings = entries[0].get("settings", {})
-    if settings:
-        lines += ["", f"Runner settings: `{json.dumps(settings, sort_keys=True)}`"]
+        # Recipes are shown relative to the repository they were read from.
+        text = re.sub(r"\S*/(configs/methods/)", r"\1", entry["commands"][0])
+        command = shlex.split(text)
+        lines.append("    " + shlex.join(["python", *command[1:]]))
+    distinct = dict.fromkeys(
+        json.dumps(entry["settings"], sort_keys=True) for entry in entries if "settings" in entry
+    )
+    if distinct:
+        lines += ["", "Runner settings:", ""]
+        lines += [f"- `{settings}`" for settings in distinct]
     return "\n".join(lines) + "\n"
 
 
