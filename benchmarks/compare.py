@@ -210,7 +210,7 @@ LR_FALLBACK = {
 def select_learning_rates(path: Path, key: str | None = None) -> dict[str, float]:
     """Pick each method's learning rate as the one with the best accuracy in a results file.
 
-    The file holds runs of a selection set (``mawps:valid``, never a test set). Accuracy is
+    The file contains runs of a selection set (``mawps:valid``, never a test set). Accuracy is
     averaged over seeds; a tie goes to the larger learning rate. ``key`` names the evaluation
     set when the runs have several.
     """
@@ -259,36 +259,12 @@ def learning_rate(args: argparse.Namespace, method: str) -> float | None:
 def run_one(args: argparse.Namespace, method: str, seed: int, specs: list[dict]) -> dict:
     """Train (unless ``method`` is base) and evaluate one run; return its results entry."""
     lr = learning_rate(args, method)
-    name = run_name(method, seed, lr)
-    folder = Path(args.runs) / name
-    log = folder / "commands.log"
+    folder = Path(args.runs) / run_name(method, seed, lr)
     entry: dict[str, Any] = {"method": method, "seed": None if method == "base" else seed}
     commands = []
-    model_flags = ["--model", args.model] if args.model else []
     if method != "base":
-        train_command = _moslora(
-            "train",
-            "--config", str(RECIPES / f"{method}.yaml"),
-            "--method", method,
-            "--seed", str(seed),
-            "--output", str(folder / "adapter"),
-            "--limit", str(args.train_limit),
-            "--epochs", str(args.epochs),
-            "--no-progress",
-            *model_flags,
-            *(["--lr", str(lr)] if lr is not None else []),
-            *shlex.split(args.train_args),
-        )  # fmt: skip
-        commands.append(shlex.join(train_command))
-        _check_command(folder / TRAIN_COMMAND_NAME, train_command)
-        record = _finished_training(folder / "adapter")
-        if record is None:
-            if last_complete_checkpoint(folder / "adapter" / "checkpoints") is not None:
-                train_command.append("--resume")
-            _run(train_command, log)
-            record = _finished_training(folder / "adapter")
-            if record is None:
-                raise RuntimeError(f"{folder / 'adapter'}: training ended without a finished run")
+        command, record = _train(args, method, seed, lr, folder)
+        commands.append(shlex.join(command))
         entry.update(
             lr=record["train"]["lr"],
             trainable_parameters=record["trainable_parameters"],
@@ -298,32 +274,11 @@ def run_one(args: argparse.Namespace, method: str, seed: int, specs: list[dict])
             throughput=record.get("throughput"),
             curvature_by_kind=_final_curvature_by_kind(record),
         )
+
     entry["eval"] = {}
     for spec in specs:
-        out = folder / f"eval-{spec['name']}-{spec['split']}-{spec['limit'] or 'all'}"
-        eval_command = _moslora(
-            "eval",
-            "--data", spec["name"],
-            "--split", spec["split"],
-            "--exclude", args.exclude,
-            "--output", str(out),
-            "--max-new-tokens", str(args.max_new_tokens),
-            "--batch-size", str(args.eval_batch_size),
-            "--no-progress",
-            *model_flags,
-            *(["--limit", str(spec["limit"])] if spec["limit"] else []),
-            *(["--adapter", str(folder / "adapter")] if method != "base" else []),
-        )  # fmt: skip
-        commands.append(shlex.join(eval_command))
-        _check_command(out / EVAL_COMMAND_NAME, eval_command)
-        summary_path = out / "summary.json"
-        if summary_path.is_file():
-            summary = json.loads(summary_path.read_text())
-        else:
-            seconds = _run(eval_command, log)
-            summary = json.loads(summary_path.read_text())
-            summary["wall_seconds"] = seconds
-            summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+        command, summary = _evaluate(args, spec, folder, with_adapter=method != "base")
+        commands.append(shlex.join(command))
         entry["eval"][spec["key"]] = {
             "accuracy": summary["accuracy"],
             "correct": summary["correct"],
@@ -335,6 +290,70 @@ def run_one(args: argparse.Namespace, method: str, seed: int, specs: list[dict])
     entry["machine"] = _machine()
     entry["date"] = datetime.date.today().isoformat()
     return entry
+
+
+def _model_flags(args: argparse.Namespace) -> list[str]:
+    return ["--model", args.model] if args.model else []
+
+
+def _train(
+    args: argparse.Namespace, method: str, seed: int, lr: float | None, folder: Path
+) -> tuple[list[str], dict[str, Any]]:
+    """Train one run unless it has finished; return the command and the run record."""
+    command = _moslora(
+        "train",
+        "--config", str(RECIPES / f"{method}.yaml"),
+        "--method", method,
+        "--seed", str(seed),
+        "--output", str(folder / "adapter"),
+        "--limit", str(args.train_limit),
+        "--epochs", str(args.epochs),
+        "--no-progress",
+        *_model_flags(args),
+        *(["--lr", str(lr)] if lr is not None else []),
+        *shlex.split(args.train_args),
+    )  # fmt: skip
+    _check_command(folder / TRAIN_COMMAND_NAME, command)
+    record = _finished_training(folder / "adapter")
+    if record is not None:
+        return command, record
+    run_command = list(command)
+    if last_complete_checkpoint(folder / "adapter" / "checkpoints") is not None:
+        run_command.append("--resume")
+    _run(run_command, folder / "commands.log")
+    record = _finished_training(folder / "adapter")
+    if record is None:
+        raise RuntimeError(f"{folder / 'adapter'}: training ended without a finished run")
+    return command, record
+
+
+def _evaluate(
+    args: argparse.Namespace, spec: dict[str, Any], folder: Path, *, with_adapter: bool
+) -> tuple[list[str], dict[str, Any]]:
+    """Evaluate one run on one set unless that is done; return the command and the summary."""
+    out = folder / f"eval-{spec['name']}-{spec['split']}-{spec['limit'] or 'all'}"
+    command = _moslora(
+        "eval",
+        "--data", spec["name"],
+        "--split", spec["split"],
+        "--exclude", args.exclude,
+        "--output", str(out),
+        "--max-new-tokens", str(args.max_new_tokens),
+        "--batch-size", str(args.eval_batch_size),
+        "--no-progress",
+        *_model_flags(args),
+        *(["--limit", str(spec["limit"])] if spec["limit"] else []),
+        *(["--adapter", str(folder / "adapter")] if with_adapter else []),
+    )  # fmt: skip
+    _check_command(out / EVAL_COMMAND_NAME, command)
+    summary_path = out / "summary.json"
+    if summary_path.is_file():
+        return command, json.loads(summary_path.read_text())
+    seconds = _run(command, folder / "commands.log")
+    summary = json.loads(summary_path.read_text())
+    summary["wall_seconds"] = seconds
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    return command, summary
 
 
 def _final_curvature_by_kind(record: dict[str, Any]) -> dict[str, float]:
