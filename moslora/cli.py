@@ -489,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser(
         "inspect",
-        help="Print each expert's kind, curvature and router weight of a saved adapter.",
+        help="Print each expert's kind, curvature and mean router probability of a saved adapter.",
     )
     inspect.add_argument(
         "adapter_dir", metavar="ADAPTER_DIR", help="Adapter folder written by `moslora train`."

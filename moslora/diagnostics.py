@@ -375,9 +375,10 @@ def inspect_adapter(adapter_dir: str | Path, output_format: str = "table") -> st
     """Summarise the adapter saved in ``adapter_dir`` as a text table or as JSON.
 
     A MoSLoRA adapter gets one row per adapted module with the input scale and, per expert,
-    the kind, the curvature in the saved adapter and the mean router probability over the
-    logging window of the last record of ``diagnostics.jsonl`` in the same folder, when there
-    is one. A PEFT adapter gets a one-line summary. No base model is loaded.
+    the kind, the curvature in the saved adapter and the mean router probability. That
+    probability comes from the last record of ``diagnostics.jsonl`` in the same folder, when
+    there is one, and averages over that record's logging window. A PEFT adapter gets a
+    one-line summary. No base model is loaded.
     """
     if output_format not in ("table", "json"):
         raise ValueError(f"output format {output_format!r} is invalid; choose table or json")
@@ -516,7 +517,7 @@ def _moslora_summary(folder: Path) -> dict[str, Any]:
         "max_curvature": config.max_curvature,
         "router": config.router,
         "diagnostics_step": last["step"] if last is not None else None,
-        "run_dir": str(run_dir) if run_dir is not None else None,
+        "checkpoint_run_dir": str(run_dir) if run_dir is not None else None,
         "modules": modules,
     }
 
@@ -590,9 +591,10 @@ def _probability_note(summary: dict[str, Any]) -> str:
     """Describe the w columns of the table: what they average, over which steps, from where."""
     step = summary["diagnostics_step"]
     if step is None:
-        if summary["run_dir"] is not None:
+        run_dir = summary["checkpoint_run_dir"]
+        if run_dir is not None:
             return (
-                f"w: - ({DIAGNOSTICS_NAME} is written to the run folder {summary['run_dir']}, "
+                f"w: - ({DIAGNOSTICS_NAME} is written to the run folder {run_dir}, "
                 "not to checkpoint folders)"
             )
         return f"w: - (no {DIAGNOSTICS_NAME} records in this folder)"

@@ -76,13 +76,16 @@ def plot_run(run_dir: str | Path, output_dir: str | Path | None = None) -> list[
     else:
         print(f"the records of {run / DIAGNOSTICS_NAME} contain no loss: loss.png is not written")
     if not figures:
-        raise ValueError(f"nothing to plot in {run}: its records contain no loss or curvature")
+        raise ValueError(
+            f"nothing to plot in {run}: its records contain no loss, every expert is Euclidean "
+            "and no module has a router"
+        )
     images = {name: _render_png(figure) for name, figure in figures.items()}
 
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise OSError(f"cannot create the output folder {output}: {error.strerror}") from error
+        raise OSError(f"failed to create the output folder {output}: {error.strerror}") from error
     written = []
     for name, image in images.items():
         path = output / name
@@ -344,7 +347,9 @@ def _draw_curvature(records: list[dict[str, Any]]):
                 else:
                     style = dict(styles[layer])
                 if "marker" in style:
-                    style["markersize"] = 4
+                    # Hollow markers of different shapes stay visible where lines coincide.
+                    style["markersize"] = 5
+                    style["markerfacecolor"] = "none"
                     style["markevery"] = max(1, len(steps) // 25)
                 (line,) = axes.plot(steps, curvatures, linewidth=1.2, **style)
                 if "label" in style:

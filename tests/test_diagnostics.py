@@ -1,7 +1,11 @@
 """Training diagnostics on the tiny model: the records file, TensorBoard, plots and inspection."""
 
+import copy
 import json
+import os
+import re
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -79,6 +83,50 @@ def _logged(trainer):
 
 def _write_lines(path, records, tail=""):
     path.write_text("".join(json.dumps(record) + "\n" for record in records) + tail)
+
+
+Q_PROJ = "model.layers.0.self_attn.q_proj"
+THREE_EXPERTS = {
+    "kinds": ["euclidean", "hyperbolic", "spherical"],
+    "curvature": [0.0, -0.5, 0.5],
+    "router_weight": [0.2, 0.3, 0.5],
+}
+
+
+def _record(step, modules=None):
+    """Return a record as DiagnosticsCallback writes it, with one three-expert module by default."""
+    return {
+        "step": step,
+        "epoch": 0.5,
+        "loss": 1.0,
+        "learning_rate": 0.1,
+        "modules": copy.deepcopy(modules if modules is not None else {Q_PROJ: THREE_EXPERTS}),
+    }
+
+
+def _copy_run(source, target):
+    """Copy a run folder's files, without its figures, TensorBoard events and checkpoints."""
+    ignore = shutil.ignore_patterns("figures", TENSORBOARD_DIR, "checkpoints")
+    shutil.copytree(source, target, ignore=ignore)
+    return target
+
+
+def _shorten_router_weight(record):
+    values = next(iter(record["modules"].values()))
+    values["router_weight"] = values["router_weight"][:-1]
+
+
+def _null_modules(record):
+    record["modules"] = None
+
+
+def _corrupt_last_record(run, corrupt):
+    """Apply ``corrupt`` to the last record of the run's diagnostics and return its line number."""
+    path = run / DIAGNOSTICS_NAME
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    corrupt(records[-1])
+    _write_lines(path, records)
+    return len(records)
 
 
 # ---- the records file -----------------------------------------------------------------------
@@ -237,7 +285,8 @@ def test_resume_drops_later_records(tiny_model_dir, data_dir, tmp_path):
 def test_train_begin_truncates_after_step(tmp_path):
     model = get_moslora_model(tiny_model(), MoSLoraConfig(r=2))
     path = tmp_path / DIAGNOSTICS_NAME
-    _write_lines(path, [{"step": step, "loss": 1.0} for step in range(1, 6)], tail='{"step": 6')
+    records = [{"step": step, "loss": 1.0, "modules": {}} for step in range(1, 6)]
+    _write_lines(path, records, tail='{"step": 6')
     state = TrainerState()
     state.global_step = 3
     DiagnosticsCallback(model, tmp_path, tensorboard=False).on_train_begin(
@@ -258,25 +307,131 @@ def test_train_begin_truncates_after_step(tmp_path):
 
 
 def test_read_skips_unterminated_last_line(tmp_path):
-    records = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    records = [{"step": 1, "loss": 2.0, "modules": {}}, {"step": 2, "loss": 1.5, "modules": {}}]
     _write_lines(tmp_path / DIAGNOSTICS_NAME, records, tail='{"step": 3, "lo')
     assert read_diagnostics(tmp_path) == records
 
 
 def test_read_names_malformed_line(tmp_path):
     path = tmp_path / DIAGNOSTICS_NAME
-    path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    path.write_text('{"step": 1, "modules": {}}\n{"step": 2, "lo\n{"step": 3, "modules": {}}\n')
     with pytest.raises(ValueError, match="line 2: invalid JSON") as error:
         read_diagnostics(tmp_path)
     assert str(path) in str(error.value)
 
 
 def test_read_rejects_record_without_step(tmp_path):
-    (tmp_path / DIAGNOSTICS_NAME).write_text('{"step": 1}\n[1, 2]\n')
+    (tmp_path / DIAGNOSTICS_NAME).write_text('{"step": 1, "modules": {}}\n[1, 2]\n')
     with pytest.raises(
         ValueError, match='line 2: a record must be a JSON object with an integer "step"'
     ):
         read_diagnostics(tmp_path)
+
+
+def _set_module_field(name, value):
+    def change(record):
+        record["modules"][Q_PROJ][name] = value
+
+    return change
+
+
+def _set_field(name, value):
+    def change(record):
+        record[name] = value
+
+    return change
+
+
+def _set_module(value):
+    def change(record):
+        record["modules"][Q_PROJ] = value
+
+    return change
+
+
+MODULE_FIELD = f"modules[{json.dumps(Q_PROJ)}]"
+
+INVALID_STRUCTURES = [
+    pytest.param(
+        _shorten_router_weight,
+        f"field {MODULE_FIELD}.router_weight has 2 values, but {MODULE_FIELD}.kinds lists 3",
+        id="short-router-weight",
+    ),
+    pytest.param(
+        _set_module_field("curvature", [0.0, -0.5, 0.5, 0.1]),
+        f"field {MODULE_FIELD}.curvature has 4 values",
+        id="long-curvature",
+    ),
+    pytest.param(_null_modules, 'field "modules" must be an object', id="null-modules"),
+    pytest.param(_set_field("modules", []), 'field "modules" must be an object', id="list-modules"),
+    pytest.param(
+        _set_module(None), f"field {MODULE_FIELD} must be an object, not null", id="null-module"
+    ),
+    pytest.param(
+        _set_module_field("kinds", [1, 2, 3]),
+        f"field {MODULE_FIELD}.kinds must be a non-empty list of expert kinds",
+        id="numeric-kinds",
+    ),
+    pytest.param(
+        _set_module_field("kinds", []),
+        f"field {MODULE_FIELD}.kinds must be a non-empty list of expert kinds",
+        id="empty-kinds",
+    ),
+    pytest.param(
+        _set_module_field("curvature", "0.5"),
+        f"field {MODULE_FIELD}.curvature must be a list of numbers, not the string",
+        id="string-curvature",
+    ),
+    pytest.param(
+        _set_module_field("curvature", [0.0, None, 0.5]),
+        f"field {MODULE_FIELD}.curvature must be a list of numbers",
+        id="null-curvature-value",
+    ),
+    pytest.param(
+        _set_module_field("curvature", None),
+        f"field {MODULE_FIELD}.curvature must be a list of numbers, not null",
+        id="null-curvature",
+    ),
+    pytest.param(
+        _set_module_field("router_weight", [True, False, False]),
+        f"field {MODULE_FIELD}.router_weight must be a list of numbers or null",
+        id="boolean-router-weight",
+    ),
+    pytest.param(
+        _set_field("loss", "1.0"), 'field "loss" must be a number or null', id="string-loss"
+    ),
+    pytest.param(
+        _set_field("step", True),
+        'a record must be a JSON object with an integer "step"',
+        id="bool-step",
+    ),
+]
+
+
+@pytest.mark.parametrize(("corrupt", "message"), INVALID_STRUCTURES)
+def test_read_rejects_invalid_structure(tmp_path, corrupt, message):
+    broken = _record(2)
+    corrupt(broken)
+    path = tmp_path / DIAGNOSTICS_NAME
+    _write_lines(path, [_record(1), broken, _record(3)])
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line 2: {message}")):
+        read_diagnostics(tmp_path)
+
+
+def test_read_rejects_changed_kinds(tmp_path):
+    changed = _record(2)
+    changed["modules"][Q_PROJ]["kinds"] = ["euclidean", "hyperbolic", "free"]
+    _write_lines(tmp_path / DIAGNOSTICS_NAME, [_record(1), changed])
+    with pytest.raises(ValueError, match=re.escape(f"line 2: field {MODULE_FIELD}.kinds is")):
+        read_diagnostics(tmp_path)
+
+
+def test_read_accepts_null_router_weight(tmp_path):
+    # A module that ran no forward pass in a logging window has no router probabilities.
+    record = _record(1)
+    record["modules"][Q_PROJ]["router_weight"] = None
+    _write_lines(tmp_path / DIAGNOSTICS_NAME, [record])
+    assert read_diagnostics(tmp_path) == [record]
 
 
 def test_read_missing_file_names_path(tmp_path):
@@ -340,6 +495,94 @@ def test_plot_folder_without_run_files(tmp_path):
         plot_run(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("corrupt", "field"),
+    [(_shorten_router_weight, "router_weight has 2 values"), (_null_modules, '"modules"')],
+    ids=["short-router-weight", "null-modules"],
+)
+def test_plot_invalid_record_writes_nothing(trained_run, tmp_path, corrupt, field):
+    run = _copy_run(trained_run.run, tmp_path / "run")
+    line = _corrupt_last_record(run, corrupt)
+    output = tmp_path / "figures"
+    output.mkdir()
+    (output / "curvature.png").write_bytes(b"earlier figure")
+    with pytest.raises(ValueError) as error:
+        plot_run(run, output)
+    assert f"{run / DIAGNOSTICS_NAME}, line {line}: " in str(error.value)
+    assert field in str(error.value)
+    assert [path.name for path in output.iterdir()] == ["curvature.png"]
+    assert (output / "curvature.png").read_bytes() == b"earlier figure"
+
+
+def test_plot_writes_pngs_atomically(trained_run, tmp_path, monkeypatch):
+    renames = []
+    replace = os.replace
+
+    def recording_replace(source, target):
+        renames.append((Path(source), Path(target)))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", recording_replace)
+    output = tmp_path / "figures"
+    written = plot_run(trained_run.run, output)
+    assert sorted(target for _, target in renames) == sorted(written)
+    for source, target in renames:
+        assert source.parent == target.parent
+        assert source.name.startswith(f".{target.name}.")
+    # No temporary file is left beside the figures.
+    assert sorted(output.iterdir()) == sorted(written)
+
+
+def _layer_records(layers, steps=3):
+    """Records of one q_proj module per layer, every layer with the same curvatures."""
+    return [
+        _record(step, {f"model.layers.{layer}.self_attn.q_proj": THREE_EXPERTS for layer in layers})
+        for step in range(1, steps + 1)
+    ]
+
+
+def test_curvature_lines_of_few_layers_differ():
+    from moslora.plot import _draw_curvature
+
+    figure = _draw_curvature(_layer_records([0, 1]))
+    plots = [axes for axes in figure.axes if axes.get_lines()]
+    assert len(plots) == 2
+    for axes in plots:
+        lines = axes.get_lines()
+        assert len(lines) == 2
+        # The lines coincide, so each layer needs its own line style and marker to stay visible.
+        assert lines[0].get_linestyle() != lines[1].get_linestyle()
+        assert lines[0].get_marker() != lines[1].get_marker()
+        assert all(line.get_markerfacecolor() == "none" for line in lines)
+    labels = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert labels == ["layer 0", "layer 1"]
+
+
+def test_curvature_of_many_layers_has_colorbar():
+    from moslora.plot import _draw_curvature
+
+    figure = _draw_curvature(_layer_records(range(30)))
+    assert "layer index" in [axes.get_ylabel() for axes in figure.axes]
+    assert not figure.legends
+    lines = [line for axes in figure.axes for line in axes.get_lines()]
+    assert len(lines) == 2 * 30
+    assert all(line.get_alpha() < 1.0 for line in lines)
+
+
+@pytest.mark.parametrize("router", ["dense", "topk"])
+def test_expert_usage_labels_router_probability(router):
+    from moslora.plot import _draw_expert_usage
+
+    figure = _draw_expert_usage(_layer_records([0, 1]), router)
+    image_axes, colorbar_axes = figure.axes
+    title = image_axes.get_title()
+    assert "mean router probability" in title
+    assert "logging window ending at step 3" in title
+    assert "weight" not in title
+    assert ("before the top-k selection" in title) == (router == "topk")
+    assert colorbar_axes.get_ylabel() == "mean router probability"
+
+
 # ---- inspecting a saved adapter -------------------------------------------------------------
 
 
@@ -375,8 +618,8 @@ def test_inspect_matches_model_curvatures(trained_run):
             curvatures[path], rel=1e-6, abs=1e-7
         )
         assert [expert["kind"] for expert in module["experts"]] == last["modules"][path]["kinds"]
-        weights = [expert["router_weight"] for expert in module["experts"]]
-        assert weights == last["modules"][path]["router_weight"]
+        probabilities = [expert["router_probability"] for expert in module["experts"]]
+        assert probabilities == last["modules"][path]["router_weight"]
         assert module["input_scale"] == pytest.approx(
             float(layers[path].input_scale().detach()), rel=1e-6
         )
@@ -387,10 +630,10 @@ def test_inspect_table_rows(trained_run, tmp_path):
     table = inspect_adapter(trained_run.run)
     lines = table.splitlines()
     paths = list(trained_run.model.curvatures())
-    assert "0:euclidean k" in lines[2]
-    assert "2:spherical w" in lines[2]
-    assert len(lines) == 3 + len(paths)
-    rows = [line.split() for line in lines[3:]]
+    assert "0:euclidean k" in lines[3]
+    assert "2:spherical w" in lines[3]
+    assert len(lines) == 4 + len(paths)
+    rows = [line.split() for line in lines[4:]]
     assert sorted((int(row[0]), row[1]) for row in rows) == sorted(
         split_module_path(path) for path in paths
     )
@@ -400,9 +643,67 @@ def test_inspect_table_rows(trained_run, tmp_path):
     bare.mkdir()
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         shutil.copy(trained_run.run / name, bare / name)
-    bare_rows = [line.split() for line in inspect_adapter(bare).splitlines()[3:]]
-    # Without diagnostics every router weight column shows "-".
+    bare_rows = [line.split() for line in inspect_adapter(bare).splitlines()[4:]]
+    # Without diagnostics every router probability column shows "-".
     assert all(row[3:-1:2] == ["-"] * 3 for row in bare_rows)
+
+
+def test_inspect_labels_each_number(trained_run):
+    lines = inspect_adapter(trained_run.run).splitlines()
+    assert lines[1] == "k: curvature in the saved adapter"
+    assert lines[2] == (
+        f"w: mean router probability over the logging window ending at step 6 "
+        f"(from {DIAGNOSTICS_NAME})"
+    )
+
+
+def _saved_adapter(folder, config):
+    """Save an untrained adapter of ``config`` and write one diagnostics record for it."""
+    model = get_moslora_model(tiny_model(), config)
+    model.save_pretrained(folder)
+    values = {
+        "kinds": list(config.experts),
+        "curvature": [0.0] * config.num_experts,
+        "router_weight": [0.25, 0.25, 0.5],
+    }
+    modules = {path: values for path, _ in model.named_adapter_layers()}
+    _write_lines(folder / DIAGNOSTICS_NAME, [_record(5, modules)])
+    return folder
+
+
+def test_inspect_topk_router_probability(tmp_path):
+    folder = _saved_adapter(tmp_path, MoSLoraConfig(r=2, router="topk", top_k=1))
+    note = inspect_adapter(folder).splitlines()[2]
+    assert note.startswith("w: mean router probability (softmax before the top-k selection)")
+    assert "ending at step 5" in note
+    summary = json.loads(inspect_adapter(folder, "json"))
+    assert summary["router"] == "topk"
+    probabilities = [expert["router_probability"] for expert in summary["modules"][0]["experts"]]
+    assert probabilities == [0.25, 0.25, 0.5]
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "field"),
+    [(_shorten_router_weight, "router_weight has 2 values"), (_null_modules, '"modules"')],
+    ids=["short-router-weight", "null-modules"],
+)
+def test_inspect_invalid_record_names_line(trained_run, tmp_path, corrupt, field):
+    run = _copy_run(trained_run.run, tmp_path / "run")
+    line = _corrupt_last_record(run, corrupt)
+    with pytest.raises(ValueError) as error:
+        inspect_adapter(run)
+    assert f"{run / DIAGNOSTICS_NAME}, line {line}: " in str(error.value)
+    assert field in str(error.value)
+
+
+def test_inspect_rejects_records_of_other_experts(tmp_path):
+    folder = _saved_adapter(tmp_path, MoSLoraConfig(r=2))
+    records = read_diagnostics(folder)
+    for values in records[0]["modules"].values():
+        values["kinds"] = ["euclidean", "hyperbolic", "free"]
+    _write_lines(folder / DIAGNOSTICS_NAME, records)
+    with pytest.raises(ValueError, match="the records belong to another adapter"):
+        inspect_adapter(folder)
 
 
 def _peft_adapter(folder, use_dora):
@@ -469,6 +770,44 @@ def test_cli_missing_folder_exits_2(tmp_path, capsys, command):
     assert f"{missing} not found" in error
 
 
+@pytest.mark.parametrize("command", ["plot", "inspect"])
+def test_cli_file_instead_of_folder(tmp_path, capsys, command):
+    file = tmp_path / "afile.txt"
+    file.write_text("text\n")
+    assert main([command, str(file)]) == 2
+    error = capsys.readouterr().err
+    assert f"{file} is a file, but" in error
+    assert "folder is expected" in error
+    assert "not found" not in error
+
+
+def test_cli_plot_output_is_file(trained_run, tmp_path, capsys):
+    file = tmp_path / "afile.txt"
+    file.write_text("text\n")
+    assert main(["plot", str(trained_run.run), "--output", str(file)]) == 2
+    error = capsys.readouterr().err
+    assert f"output folder {file} is an existing file" in error
+    assert "Errno" not in error
+    assert file.read_text() == "text\n"
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "command"),
+    [
+        (_shorten_router_weight, "plot"),
+        (_shorten_router_weight, "inspect"),
+        (_null_modules, "plot"),
+    ],
+    ids=["short-router-weight-plot", "short-router-weight-inspect", "null-modules-plot"],
+)
+def test_cli_invalid_record_exits_2(trained_run, tmp_path, capsys, corrupt, command):
+    run = _copy_run(trained_run.run, tmp_path / "run")
+    line = _corrupt_last_record(run, corrupt)
+    assert main([command, str(run)]) == 2
+    error = capsys.readouterr().err
+    assert f"moslora {command}: error: {run / DIAGNOSTICS_NAME}, line {line}: " in error
+
+
 def _train_args(model_dir, output, *extra):
     return [
         "train",
@@ -502,7 +841,7 @@ def test_cli_train_writes_diagnostics(tiny_model_dir, data_dir, tmp_path, capsys
         str(run / "figures" / name) for name in ("curvature.png", "expert_usage.png", "loss.png")
     )
     assert main(["inspect", str(run)]) == 0
-    assert "from the diagnostics.jsonl record of step 4" in capsys.readouterr().out
+    assert "logging window ending at step 4 (from diagnostics.jsonl)" in capsys.readouterr().out
 
 
 def test_cli_train_no_tensorboard(tiny_model_dir, data_dir, tmp_path):
@@ -530,3 +869,42 @@ def test_cli_peft_run_plot_and_inspect(tiny_model_dir, data_dir, tmp_path, capsy
     assert f"PEFT {label} adapter" in line
     assert "r=4" in line
     assert f"{record['trainable_parameters']:,d} trainable parameters" in line
+
+
+@pytest.fixture(scope="module")
+def unlogged_run(tiny_model_dir, data_dir, tmp_path_factory):
+    """A finished two-step run that logs every ten steps, so it never logged a step."""
+    run = tmp_path_factory.mktemp("unlogged") / "run"
+    extra = ("--r", "2", "--max-steps", "2", "--logging-steps", "10")
+    assert main(_train_args(tiny_model_dir, run, *extra)) == 0
+    return run
+
+
+def test_cli_plot_run_without_logged_step(unlogged_run, capsys):
+    capsys.readouterr()
+    assert main(["plot", str(unlogged_run)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    error = captured.err.strip().splitlines()
+    assert len(error) == 1
+    assert "the run finished at step 2 before its first logging step" in error[0]
+    assert "no step was logged" in error[0]
+    assert "lower --logging-steps" in error[0]
+    assert not (unlogged_run / "figures").exists()
+
+
+def test_cli_checkpoint_points_to_run(unlogged_run, capsys):
+    checkpoint = unlogged_run / "checkpoints" / "checkpoint-2"
+    assert checkpoint.is_dir()
+    capsys.readouterr()
+    assert main(["plot", str(checkpoint)]) == 2
+    error = capsys.readouterr().err
+    assert f"{checkpoint} is a checkpoint folder" in error
+    assert f"they are in the run folder {unlogged_run}," in error
+
+    assert main(["inspect", str(checkpoint)]) == 0
+    note = capsys.readouterr().out.splitlines()[2]
+    assert note == (
+        f"w: - ({DIAGNOSTICS_NAME} is written to the run folder {unlogged_run}, "
+        "not to checkpoint folders)"
+    )
