@@ -491,6 +491,8 @@ def differences(rows: list[dict[str, Any]], reference: str, against: str) -> lis
     by_method = {row["method"]: row for row in rows}
     if reference not in by_method or against not in by_method:
         return []
+    if any(sum(row["method"] == name for row in rows) > 1 for name in (reference, against)):
+        return []  # several learning rates of one method: no single pair to compare
     lines = []
     first, second = by_method[against], by_method[reference]
     for key in sorted(set(first["accuracy"]) & set(second["accuracy"])):
@@ -559,7 +561,7 @@ def render_table(data: dict[str, Any], title: str) -> str:
         lines.append("")
         for row in curved:
             values = ", ".join(f"{kind} {k:+.3f}" for kind, k in row["curvature_by_kind"].items())
-            lines.append(f"- {row['method']}: {values}")
+            lines.append(f"- {row['method']} (lr {row['lr']:g}): {values}")
     comparisons = differences(rows, "lora", "moslora")
     if comparisons:
         lines += ["", "MoSLoRA against LoRA:", "", *comparisons]
