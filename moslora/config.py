@@ -283,17 +283,7 @@ class MoSLoraConfig:
     @classmethod
     def load(cls, directory: str | Path) -> MoSLoraConfig:
         path = Path(directory) / CONFIG_NAME
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} not found: an adapter folder contains {CONFIG_NAME} and {WEIGHTS_NAME}, "
-                "as written by save_pretrained"
-            )
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(
-                f"{path} is not valid JSON ({error}); the adapter folder is damaged"
-            ) from error
+        data = read_adapter_json(directory)
         if not isinstance(data, dict) or data.get("adapter_type") != "moslora":
             raise ValueError(
                 f'{path} is not a moslora adapter config (no "adapter_type": "moslora")'
@@ -302,6 +292,22 @@ class MoSLoraConfig:
             return cls.from_dict(data, source=str(path))
         except (TypeError, ValueError) as error:
             raise ValueError(f"{path}: {error}") from error
+
+
+def read_adapter_json(directory: str | Path) -> Any:
+    """Parse the ``adapter_config.json`` of an adapter folder, MoSLoRA or PEFT."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: an adapter folder contains {CONFIG_NAME} and {WEIGHTS_NAME}, "
+            "as written by `moslora train` or save_pretrained"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path} is not valid JSON ({error}); the adapter folder is damaged"
+        ) from error
 
 
 def _finite(value: Any) -> bool:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from moslora.config import CONFIG_NAME, KIND_SIGN, WEIGHTS_NAME, MoSLoraConfig
+from moslora.config import CONFIG_NAME, KIND_SIGN, WEIGHTS_NAME, MoSLoraConfig, read_adapter_json
 from moslora.files import write_text_atomic
 from moslora.model import MoSLoraModel
 from moslora.train import CHECKPOINTS, DIAGNOSTICS_NAME, TENSORBOARD_DIR
@@ -390,21 +390,10 @@ def inspect_adapter(adapter_dir: str | Path, output_format: str = "table") -> st
         )
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {folder} not found")
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(
-            f"{config_path} not found: an adapter folder contains {CONFIG_NAME} and "
-            f"{WEIGHTS_NAME}, as written by `moslora train`"
-        )
+    data = read_adapter_json(folder)
     weights_path = folder / WEIGHTS_NAME
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path} not found: the adapter folder has no weights")
-    try:
-        data = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(
-            f"{config_path} is not valid JSON ({error}); the adapter folder is damaged"
-        ) from error
     if isinstance(data, dict) and "peft_type" in data:
         summary = _peft_summary(folder, data)
         return json.dumps(summary, indent=2) if output_format == "json" else _peft_line(summary)

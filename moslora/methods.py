@@ -9,13 +9,12 @@ rank, alpha, dropout and target modules.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from moslora.config import CONFIG_NAME, WEIGHTS_NAME, MoSLoraConfig
+from moslora.config import WEIGHTS_NAME, MoSLoraConfig, read_adapter_json
 
 # The experts of each MoSLoRA-family method.
 MOSLORA_METHODS: dict[str, list[str]] = {
@@ -155,18 +154,7 @@ def adapter_settings(config: Any) -> dict[str, Any]:
 
 def read_adapter_config(folder: str | Path) -> Any:
     """Read the adapter configuration in ``folder``: a `MoSLoraConfig` or a PEFT config."""
-    path = Path(folder) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: an adapter folder contains {CONFIG_NAME}, as written by "
-            "`moslora train`"
-        )
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(
-            f"{path} is not valid JSON ({error}); the adapter folder is damaged"
-        ) from error
+    data = read_adapter_json(folder)
     if isinstance(data, dict) and "peft_type" in data:
         from peft import PeftConfig
 
