@@ -23,8 +23,6 @@ import datetime
 import fcntl
 import json
 import math
-import os
-import platform
 import re
 import shlex
 import shutil
@@ -35,7 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from moslora.train import last_complete_checkpoint
+from moslora.files import write_json_atomic, write_text_atomic
+from moslora.train import last_complete_checkpoint, machine_description
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "configs" / "methods"
@@ -138,13 +137,7 @@ def _finished_training(folder: Path) -> dict[str, Any] | None:
 def _machine() -> dict[str, Any]:
     import torch
 
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__,
-    }
+    return {**machine_description(), "torch": torch.__version__}
 
 
 def _load_results(path: Path) -> dict[str, Any]:
@@ -191,9 +184,7 @@ def _locked(path: Path):
 
 def _save_results(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    temporary.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 # Methods without learning-rate runs of their own on the selection set take the choice of
@@ -352,7 +343,7 @@ def _evaluate(
     seconds = _run(command, folder / "commands.log")
     summary = json.loads(summary_path.read_text())
     summary["wall_seconds"] = seconds
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(summary_path, summary)
     return command, summary
 
 
@@ -606,9 +597,7 @@ def write_section(doc: Path, name: str, text: str) -> None:
         content = before + block + after
     else:
         content = content.rstrip("\n") + "\n\n" + block + "\n"
-    temporary = doc.with_name(doc.name + ".tmp")
-    temporary.write_text(content)
-    temporary.replace(doc)
+    write_text_atomic(doc, content)
 
 
 def command_report(args: argparse.Namespace) -> int:

@@ -493,7 +493,7 @@ def train(config: TrainConfig, adapter_config: Any = None) -> dict[str, Any]:
             "peft": _peft_version(),
             "python": platform.python_version(),
         },
-        "machine": _machine(),
+        "machine": machine_description(),
     }
     if main_process:
         write_json_atomic(output / RUN_CONFIG_NAME, {**record, "finished": False})
@@ -546,7 +546,8 @@ def _throughput(
     }
 
 
-def _machine() -> dict[str, Any]:
+def machine_description() -> dict[str, Any]:
+    """Describe the platform, CPU count, torch threads and device of this process."""
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return {
         "platform": platform.platform(),
